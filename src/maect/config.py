@@ -1,0 +1,348 @@
+"""Typed run configuration: recipes (YAML shipped in the package), dotted overrides, validation.
+
+A recipe is a YAML file under ``maect/recipes`` (or any path) whose keys mirror :class:`RunConfig`.
+A recipe may name another as ``base:`` and override parts of it. Every key and type is checked
+against the dataclasses below; errors name the key and the accepted values before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("mae",)
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """ViT encoder and MAE decoder architecture."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+
+@dataclass
+class DataConfig:
+    """Dataset, loader and augmentation settings. ``batch_size`` is per device."""
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    download: bool = False
+    subset: int | None = None
+    strict: bool = False
+    batch_size: int = 256
+    num_workers: int = 2
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    synthetic_size: int = 512
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step linear warmup then cosine; ``lr = base_lr * global_batch / 256``."""
+
+    base_lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings and run-directory outputs."""
+
+    epochs: int = 800
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    accumulate_grad_batches: int = 1
+    checkpoint_every: int = 20
+    recon_every: int = 20
+    log_every_n_steps: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder objective."""
+
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written to ``config.yaml`` in the run directory."""
+
+    method: str = "mae"
+    recipe: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def recipe_root() -> Path:
+    """Directory of the recipes shipped with the package."""
+    return Path(str(resources.files("maect") / "recipes"))
+
+
+def available_recipes() -> list[str]:
+    """Names of all shipped recipes, e.g. ``mae/fmnist_vit_t``."""
+    root = recipe_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """Load a recipe by name or path, resolving its ``base:`` chain."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = recipe_root() / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, available_recipes(), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown recipe '{name}'.{hint} Available: {', '.join(available_recipes())}"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return deep_merge(read_recipe(base), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return nested
+
+
+# --------------------------------------------------------------------------- typed loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list | tuple):
+            (item_type,) = typing.get_args(tp)
+            return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{hint} (keys of '{prefix.rstrip('.') or 'config'}': "
+                f"{', '.join(names)})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the cross-field rules; return ``cfg`` unchanged when valid."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _require(
+        cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'"
+    )
+    _require(
+        d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}, got '{d.name}'"
+    )
+    _require(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
+    _require(
+        m.img_size > 0 and m.img_size % m.patch_size == 0,
+        "model.img_size",
+        f"must be a positive multiple of model.patch_size={m.patch_size}, got {m.img_size}",
+    )
+    _require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
+    _require(
+        m.embed_dim % m.num_heads == 0 and m.embed_dim % 4 == 0,
+        "model.embed_dim",
+        f"must be divisible by 4 and by model.num_heads={m.num_heads}, got {m.embed_dim}",
+    )
+    _require(
+        m.decoder_dim % m.decoder_heads == 0 and m.decoder_dim % 4 == 0,
+        "model.decoder_dim",
+        f"must be divisible by 4 and by model.decoder_heads={m.decoder_heads}, got {m.decoder_dim}",
+    )
+    for key in ("depth", "num_heads", "decoder_depth", "decoder_heads"):
+        _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    _require(
+        0.0 < cfg.mae.mask_ratio < 1.0,
+        "mae.mask_ratio",
+        f"must be in the open interval (0, 1), got {cfg.mae.mask_ratio}",
+    )
+    _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(
+        d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1 or null, got {d.subset}"
+    )
+    _require(
+        len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
+        "data.crop_scale",
+        f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
+    )
+    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        "optim.betas",
+        f"must be two values in [0, 1), got {o.betas}",
+    )
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
+    _require(
+        t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}"
+    )
+    _require(
+        t.accumulate_grad_batches >= 1,
+        "trainer.accumulate_grad_batches",
+        f"must be >= 1, got {t.accumulate_grad_batches}",
+    )
+    for key in ("checkpoint_every", "recon_every", "log_every_n_steps", "num_nodes"):
+        _require(getattr(t, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
+    return cfg
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a recipe plus ``dotted.key=value`` overrides into a validated :class:`RunConfig`."""
+    data = deep_merge(read_recipe(recipe), parse_overrides(overrides or []))
+    data.setdefault("recipe", recipe)
+    return validate(from_dict(RunConfig, data))
+
+
+def config_from_yaml(path: Path) -> RunConfig:
+    """Read a ``config.yaml`` written into a run directory."""
+    return validate(from_dict(RunConfig, yaml.safe_load(path.read_text())))
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out

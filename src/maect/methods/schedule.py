@@ -1,0 +1,36 @@
+"""Learning-rate schedule and parameter groups."""
+
+import math
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier at ``step``: linear warmup from 0 to 1, then cosine down to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights, tokens and position embeddings get no weight decay."""
+    return param.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed"))
+
+
+def decay_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0
+) -> list[dict]:
+    """Split trainable parameters into a weight-decay group and a no-decay group."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
+    ]
+    return [g for g in groups if g["params"]]

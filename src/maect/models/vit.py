@@ -1,0 +1,107 @@
+"""ViT encoder with per-sample random masking, built on timm's ``VisionTransformer``.
+
+The module *is* a ``timm.models.VisionTransformer`` (timm key names, fused attention), so its
+``forward_features`` is timm's and its state dict loads into timm unchanged. The position embedding
+is the fixed 2-D sin-cos table of MAE, stored in ``pos_embed`` with a (zero) CLS slot.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from maect.models.masking import Masking, random_masking
+from maect.models.pos_embed import sincos_2d
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """Architecture of a ViT encoder: everything needed to rebuild it from weights."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+    @property
+    def grid_size(self) -> int:
+        """Number of patches along one side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens."""
+        return self.grid_size**2
+
+
+class MaskedViT(VisionTransformer):
+    """timm ViT whose ``forward_masked`` encodes only a random subset of patches."""
+
+    def __init__(self, arch: ViTArch) -> None:
+        super().__init__(
+            img_size=arch.img_size,
+            patch_size=arch.patch_size,
+            in_chans=arch.in_chans,
+            num_classes=0,
+            embed_dim=arch.embed_dim,
+            depth=arch.depth,
+            num_heads=arch.num_heads,
+            mlp_ratio=arch.mlp_ratio,
+            qkv_bias=arch.qkv_bias,
+            class_token=True,
+            global_pool="token",
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.arch = arch
+        self.pos_embed.requires_grad_(False)
+        self.initialize_mae()
+
+    @torch.no_grad()
+    def initialize_mae(self) -> None:
+        """MAE initialisation: sin-cos positions, xavier-uniform linears, normal(0.02) CLS."""
+        self.pos_embed.copy_(sincos_2d(self.embed_dim, self.arch.grid_size, cls_token=True))
+        init_like_linear(self.patch_embed.proj.weight)
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_mae_weights)
+
+    def forward_masked(
+        self, images: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Masking]:
+        """Encode the visible patches of ``images``.
+
+        Returns:
+            Normed tokens ``[B, 1 + K, D]`` (CLS first) and the :class:`Masking` that was applied.
+        """
+        tokens = self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        masking = random_masking(tokens, mask_ratio, generator=generator)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, masking.visible], dim=1)
+        x = self.norm(self.blocks(self.norm_pre(x)))
+        return x, masking
+
+
+def init_like_linear(weight: torch.Tensor) -> None:
+    """Xavier-uniform init of a conv kernel viewed as a ``[out, in * k * k]`` linear layer."""
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """Per-module MAE init: xavier-uniform linears with zero bias, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def build_encoder(arch: ViTArch) -> MaskedViT:
+    """Build a freshly MAE-initialised encoder."""
+    return MaskedViT(arch)

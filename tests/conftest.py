@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny ViT configuration on synthetic data."""
+
+import pytest
+import torch
+
+from maect.config import load_config
+from maect.models.vit import ViTArch
+
+TINY_OVERRIDES = [
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.decoder_dim=16",
+    "model.decoder_depth=1",
+    "model.decoder_heads=2",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture
+def tiny_arch() -> ViTArch:
+    return ViTArch(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture
+def tiny_cfg():
+    def make(*overrides: str):
+        return load_config("mae/fmnist_vit_t", [*TINY_OVERRIDES, *overrides])
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,56 @@
+"""Recipe loading, overrides and the validation rules: each error names its key."""
+
+import pytest
+
+from maect.config import ConfigError, available_recipes, load_config, parse_overrides
+
+
+def test_recipes_load_and_override():
+    names = available_recipes()
+    assert {"mae/fmnist_vit_t", "mae/in1k_vit_b16", "mae/in1k_vit_l16", "mae/in1k_vit_h14"} <= set(
+        names
+    )
+    for name in names:
+        load_config(name)
+    cfg = load_config(
+        "mae/fmnist_vit_t", ["trainer.epochs=3", "data.subset=100", "optim.base_lr=2e-4"]
+    )
+    assert cfg.trainer.epochs == 3 and cfg.data.subset == 100
+    assert cfg.optim.base_lr == pytest.approx(2e-4)
+    large = load_config("mae/in1k_vit_l16")
+    assert (large.model.embed_dim, large.model.depth, large.trainer.epochs) == (1024, 24, 800)
+
+
+def test_parse_overrides_nests_and_types():
+    assert parse_overrides(["a.b=1", "a.c=true", "d=null"]) == {"a": {"b": 1, "c": True}, "d": None}
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("trainer.epoch=3", r"unknown key 'trainer.epoch'.*did you mean 'trainer.epochs'"),
+        ("modle.depth=3", r"unknown key 'modle'.*did you mean 'model'"),
+        ("trainer.epochs=abc", r"trainer.epochs expects int"),
+        ("data.subset=1.5", r"data.subset expects int or null"),
+        ("model.img_size=30", r"model.img_size must be a positive multiple of model.patch_size=4"),
+        ("mae.mask_ratio=1.0", r"mae.mask_ratio must be in the open interval \(0, 1\)"),
+        ("mae.mask_ratio=0", r"mae.mask_ratio must be in the open interval"),
+        ("mae.mask_ratio=-0.1", r"mae.mask_ratio"),
+        ("data.name=mnist", r"data.name must be one of"),
+        ("method=byol", r"method must be one of"),
+        ("data.crop_scale=[0.5, 0.2]", r"data.crop_scale"),
+        ("model.num_heads=5", r"model.embed_dim must be divisible by 4 and by model.num_heads=5"),
+        ("trainer.precision=fp8", r"trainer.precision must be one of"),
+        ("trainer.epochs=0", r"trainer.epochs must be >= 1"),
+        ("data.hflip=yes please", r"data.hflip expects bool"),
+        ("trainer", r"not of the form dotted.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("mae/fmnist_vit_t", [override])
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'mae/fmnist'.*mae/fmnist_vit_t"):
+        load_config("mae/fmnist")
