@@ -41,12 +41,22 @@ def cmd_pretrain(args: list[str]) -> None:
     print(f"run directory: {run_dir}")
 
 
+def cmd_tune(args: list[str]) -> None:
+    """``maect tune recipe=NAME init=MAE_RUN_OR_CHECKPOINT out=DIR [key=value ...]``."""
+    from maect.tuning import tune
+
+    own, overrides = split_assignments(args, ("recipe", "init", "out"))
+    cfg = load_config(own["recipe"], [*overrides, f"maect.init={own['init']}"])
+    run_dir = tune(cfg, own["out"])
+    print(f"run directory: {run_dir}")
+
+
 def cmd_recipes(args: list[str]) -> None:
     """``maect recipes``: list the shipped recipes."""
     print("\n".join(available_recipes()))
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "recipes": cmd_recipes}
+COMMANDS = {"pretrain": cmd_pretrain, "recipes": cmd_recipes, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("mae",)
+METHODS = ("mae", "can", "maect")
+VIEW_PAIRS = ("min", "byol", "simclr")
+POOLINGS = ("cls", "mean")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -98,6 +100,63 @@ class MAEConfig:
 
 
 @dataclass
+class CANConfig:
+    """CAN objective (Mishra et al. 2022); SimCLR and MAE are special cases of it.
+
+    Each view is masked at ``mask_ratio`` and noised with a per-image ``sigma ~ U[0,
+    noise_std_max]``, a standard deviation on the *normalised* pixel scale (the scale the encoder
+    sees; 0.05 is about 0.011 in [0, 1] pixel units for ImageNet statistics). The noise level enters
+    the decoder as a sinusoidal embedding of ``sigma / noise_std_max * noise_embed_scale`` followed
+    by Linear-ReLU-Linear, added to the visible tokens and, if ``condition_mask_tokens``, to the
+    mask tokens too (the paper). The loss is ``weight_contrastive * InfoNCE(temperature) +
+    weight_reconstruction * masked-patch MSE + weight_denoising * visible-patch MSE against the
+    unit-variance noise``; a zero weight removes its modules. ``projector``: ``mlp2`` =
+    Linear(D, D)-ReLU-Linear(D, proj_dim) (default), ``mlp3bn`` = 3 layers ``proj_hidden_dim`` wide
+    with BatchNorm. ``views`` names the augmentation pair.
+    """
+
+    mask_ratio: float = 0.5
+    noise_std_max: float = 0.05
+    noise_embed_scale: float = 1000.0
+    condition_mask_tokens: bool = True
+    temperature: float = 0.1
+    weight_contrastive: float = 0.03
+    weight_reconstruction: float = 0.67
+    weight_denoising: float = 0.30
+    projector: str = "mlp2"
+    proj_dim: int = 128
+    proj_hidden_dim: int = 4096
+    views: str = "simclr"
+
+
+@dataclass
+class MAECTConfig:
+    """MAE-CT contrastive tuning (Lehner et al. 2023): stage 2 trains an NNCLR head on the frozen
+    encoder for ``head_epochs``; stage 3 tunes the top blocks for ``trainer.epochs`` with
+    ``optim`` (lr per block x ``layer_decay`` ** (depth - j))."""
+
+    init: str = ""
+    views: str = "min"
+    pooling: str = "cls"
+    temperature: float = 0.15
+    topk: int = 20
+    queue_size: int = 65536
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    target_ema: float = 0.99
+    encoder_ema: float = 0.9999
+    frozen_blocks: int | None = None
+    layer_decay: float = 0.65
+    head_epochs: int = 20
+    head_base_lr: float = 1.0e-4
+    head_weight_decay: float = 1.0e-5
+    head_warmup_epochs: float = 4.0
+    tune_head_base_lr: float = 1.0e-4
+    tune_head_weight_decay: float = 1.0e-5
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; written to ``config.yaml`` in the run directory."""
 
@@ -108,10 +167,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    can: CANConfig = field(default_factory=CANConfig)
+    maect: MAECTConfig = field(default_factory=MAECTConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML-serialisable)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (YAML-serialisable) without the other methods' sections."""
+        data = dataclasses.asdict(self)
+        for method in METHODS:
+            if method != self.method:
+                data.pop(method)
+        return data
 
 
 # --------------------------------------------------------------------------- recipes
@@ -291,6 +356,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "mae.mask_ratio",
         f"must be in the open interval (0, 1), got {cfg.mae.mask_ratio}",
     )
+    validate_method_sections(cfg)
     _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(
@@ -321,6 +387,67 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("checkpoint_every", "recon_every", "log_every_n_steps", "num_nodes"):
         _require(getattr(t, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
     return cfg
+
+
+def validate_method_sections(cfg: RunConfig) -> None:
+    """Rules of the ``can`` and ``maect`` sections (checked only for their own method)."""
+    if cfg.method == "can":
+        c = cfg.can
+        _require(
+            0.0 <= c.mask_ratio < 1.0, "can.mask_ratio", f"must be in [0, 1), got {c.mask_ratio}"
+        )
+        _require(c.noise_std_max >= 0, "can.noise_std_max", f"must be >= 0, got {c.noise_std_max}")
+        _require(c.temperature > 0, "can.temperature", f"must be > 0, got {c.temperature}")
+        weights = (c.weight_contrastive, c.weight_reconstruction, c.weight_denoising)
+        _require(
+            min(weights) >= 0 and sum(weights) > 0,
+            "can.weight_*",
+            f"must be >= 0 and not all zero, got {weights}",
+        )
+        _require(
+            c.weight_reconstruction == 0 or c.mask_ratio > 0,
+            "can.mask_ratio",
+            "must be > 0 when can.weight_reconstruction > 0 (nothing would be reconstructed)",
+        )
+        _require(
+            c.weight_denoising == 0 or c.noise_std_max > 0,
+            "can.noise_std_max",
+            "must be > 0 when can.weight_denoising > 0 (there would be no noise to predict)",
+        )
+        _require(
+            c.noise_embed_scale > 0,
+            "can.noise_embed_scale",
+            f"must be > 0, got {c.noise_embed_scale}",
+        )
+        _require(c.projector in ("mlp2", "mlp3bn"), "can.projector", "must be mlp2 or mlp3bn")
+        for key in ("proj_dim", "proj_hidden_dim"):
+            value = getattr(c, key)
+            _require(value >= 1, f"can.{key}", f"must be >= 1, got {value}")
+        _require(c.views in VIEW_PAIRS, "can.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+    if cfg.method == "maect":
+        t = cfg.maect
+        _require(t.views in VIEW_PAIRS, "maect.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+        _require(t.pooling in POOLINGS, "maect.pooling", f"must be one of {', '.join(POOLINGS)}")
+        _require(t.topk >= 1, "maect.topk", f"must be >= 1, got {t.topk}")
+        _require(
+            t.queue_size >= t.topk, "maect.queue_size", f"must be >= maect.topk, got {t.queue_size}"
+        )
+        _require(t.temperature > 0, "maect.temperature", f"must be > 0, got {t.temperature}")
+        for key in ("target_ema", "encoder_ema"):
+            value = getattr(t, key)
+            _require(0.0 <= value < 1.0, f"maect.{key}", f"must be in [0, 1), got {value}")
+        _require(
+            t.frozen_blocks is None or 0 <= t.frozen_blocks <= cfg.model.depth,
+            "maect.frozen_blocks",
+            f"must be null (half the blocks) or in [0, model.depth={cfg.model.depth}], "
+            f"got {t.frozen_blocks}",
+        )
+        _require(
+            0.0 < t.layer_decay <= 1.0,
+            "maect.layer_decay",
+            f"must be in (0, 1], got {t.layer_decay}",
+        )
+        _require(t.head_epochs >= 0, "maect.head_epochs", f"must be >= 0, got {t.head_epochs}")
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:

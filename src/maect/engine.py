@@ -23,7 +23,7 @@ from maect.config import ConfigError, RunConfig, diff_configs
 from maect.data.datasets import ImageDataset, SubsetDataset, build_dataset, normalization_stats
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
-from maect.data.transforms import eval_transform, mae_transform
+from maect.data.transforms import eval_transform
 from maect.methods import METHOD_CLASSES, PretrainMethod
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ RESUMABLE_KEYS = (
     "trainer.strategy",
 )
 PREVIEW_IMAGES = 8
+# The CSV logger writes metrics.csv into the run directory, which is never empty.
+warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
 class EpochCheckpoint(ModelCheckpoint):
@@ -150,8 +152,35 @@ def build_trainer(
     )
 
 
+def fit_module(
+    cfg: RunConfig,
+    module: PretrainMethod,
+    dataset: ImageDataset,
+    run_dir: Path,
+    callbacks: list[Callback],
+    dev_run: int = 0,
+) -> L.Trainer:
+    """Train ``module`` on ``dataset`` (whose transform is already set), resuming from
+    ``run_dir/checkpoints/last.ckpt`` when it exists."""
+    d = cfg.data
+    loader = build_loader(
+        dataset, d.batch_size, d.num_workers, shuffle=True, drop_last=True, seed=cfg.trainer.seed
+    )
+    if len(loader) == 0:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} is larger than the {len(dataset)} training images"
+        )
+    trainer = build_trainer(cfg, run_dir, callbacks, dev_run)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if last.is_file() and not dev_run else None
+    if resume:
+        log.warning("resuming %s from %s", run_dir, last)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    return trainer
+
+
 def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
-    """Train ``cfg.method`` into run directory ``out`` (resuming it if interrupted).
+    """Train ``cfg.method`` from scratch into run directory ``out`` (resuming it if interrupted).
 
     Args:
         cfg: Validated run configuration.
@@ -162,36 +191,23 @@ def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
         The run directory.
     """
     run_dir = Path(out)
+    prepare_run_dir(run_dir, cfg)
     if (run_dir / "encoder.pt").is_file() and not dev_run:
-        prepare_run_dir(run_dir, cfg)
         log.warning("%s is complete (encoder.pt exists); nothing to do", run_dir)
         return run_dir
-    prepare_run_dir(run_dir, cfg)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-
     dataset = training_dataset(cfg)
     mean, std = normalization_stats(cfg.data.name, cfg.model.in_chans)
-    m, d = cfg.model, cfg.data
-    preview = preview_images(cfg, dataset)
-    dataset.transform = mae_transform(m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip)
-    loader = build_loader(
-        dataset, d.batch_size, d.num_workers, shuffle=True, drop_last=True, seed=cfg.trainer.seed
-    )
-    if len(loader) == 0:
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} is larger than the {len(dataset)} training images"
-        )
-    module: PretrainMethod = METHOD_CLASSES[cfg.method](cfg)
     recon = ReconstructionGrid(
-        preview, run_dir / "reconstructions", mean, std, cfg.trainer.recon_every
+        preview_images(cfg, dataset),
+        run_dir / "reconstructions",
+        mean,
+        std,
+        cfg.trainer.recon_every,
     )
-    trainer = build_trainer(cfg, run_dir, [recon], dev_run)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() and not dev_run else None
-    if resume:
-        log.warning("resuming %s from %s", run_dir, last)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    module = METHOD_CLASSES[cfg.method](cfg)
+    dataset.transform = module.train_transform()
+    trainer = fit_module(cfg, module, dataset, run_dir, [recon], dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(module.export_encoder(), run_dir / "encoder.pt")
     return run_dir

@@ -66,3 +66,80 @@ def eval_transform(
             T.CenterCrop(img_size),
         ]
     return T.Compose([*ops, to_normalized(mean, std)])
+
+
+def augmented_view(
+    img_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float],
+    hflip: bool = True,
+    jitter_p: float = 0.0,
+    blur_p: float = 0.0,
+    gray_p: float = 0.0,
+    solarize_p: float = 0.0,
+    jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+) -> T.Compose:
+    """One contrastive view: crop + flip, then (each with its probability) colour jitter
+    (brightness, contrast, saturation, hue), grayscale, Gaussian blur (sigma 0.1-2, kernel ~10 %
+    of the image) and solarisation (threshold 128). All zero gives MAE-CT's ``min`` view.
+    Saturation and hue leave 1-channel images unchanged."""
+    ops: list[T.Transform] = [match_channels(channels), *crop_flip(img_size, scale, hflip)]
+    if jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p))
+    if gray_p > 0:
+        ops.append(T.RandomGrayscale(p=gray_p))
+    if blur_p > 0:
+        kernel = max(3, int(0.1 * img_size) // 2 * 2 + 1)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    return T.Compose([*ops, to_normalized(mean, std)])
+
+
+class MultiView:
+    """Applies one transform per view to the same image and returns the tuple of views."""
+
+    def __init__(self, *views: T.Transform) -> None:
+        self.views = views
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(view(image) for view in self.views)
+
+
+# Named view pairs: per-view keyword arguments of :func:`augmented_view`.
+VIEW_PAIRS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    # MAE-CT_min: crop and flip only.
+    "min": ({}, {}),
+    # BYOL's asymmetric pair (MAE-CT_aug).
+    "byol": (
+        {"jitter_p": 0.8, "blur_p": 1.0, "gray_p": 0.2},
+        {"jitter_p": 0.8, "blur_p": 0.1, "gray_p": 0.2, "solarize_p": 0.2},
+    ),
+    # SimCLR's symmetric pair (CAN, SimCLR).
+    "simclr": (
+        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2},
+        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2},
+    ),
+}
+
+
+def view_pair(
+    name: str,
+    img_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float],
+    hflip: bool = True,
+) -> MultiView:
+    """Two views of one image with the named augmentation pair (``min``, ``byol``, ``simclr``)."""
+    if name not in VIEW_PAIRS:
+        raise ValueError(f"unknown view pair '{name}', expected one of {', '.join(VIEW_PAIRS)}")
+    return MultiView(
+        *(
+            augmented_view(img_size, channels, mean, std, scale, hflip, **kw)
+            for kw in VIEW_PAIRS[name]
+        )
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ from lightning import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from maect.config import RunConfig
+from maect.data.datasets import normalization_stats
+from maect.data.transforms import mae_transform
 from maect.methods.schedule import decay_groups, warmup_cosine
 from maect.models.vit import MaskedViT, ViTArch
 from maect.rng import capture_rng, restore_rng
@@ -51,6 +54,12 @@ class PretrainMethod(LightningModule):
     def param_groups(self) -> list[dict]:
         """Optimizer groups; each may carry ``lr_scale`` (multiplies the scheduled lr)."""
         return decay_groups(self.named_parameters(), self.cfg.optim.weight_decay)
+
+    def train_transform(self) -> Callable:
+        """Per-sample training transform (default: MAE's crop + flip, one view)."""
+        m, d = self.cfg.model, self.cfg.data
+        mean, std = normalization_stats(d.name, m.in_chans)
+        return mae_transform(m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip)
 
     def export_encoder(self) -> MaskedViT:
         """The encoder whose weights are written to ``encoder.pt``."""

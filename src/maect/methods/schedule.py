@@ -34,3 +34,26 @@ def decay_groups(
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
     ]
     return [g for g in groups if g["params"]]
+
+
+def layer_decay_groups(
+    encoder: nn.Module, depth: int, layer_decay: float, weight_decay: float
+) -> list[dict]:
+    """Groups for the trainable encoder parameters with layer-wise lr decay.
+
+    Block ``j`` (0-based) gets ``layer_decay ** (depth - j)`` (the top block ``layer_decay``); the
+    final norm and anything above the blocks get 1; the embeddings ``layer_decay ** (depth + 1)``.
+    """
+    by_scale: dict[float, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in encoder.named_parameters():
+        if name.startswith("blocks."):
+            scale = layer_decay ** (depth - int(name.split(".")[1]))
+        elif name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            scale = layer_decay ** (depth + 1)
+        else:
+            scale = 1.0
+        by_scale.setdefault(scale, []).append((name, param))
+    groups: list[dict] = []
+    for scale, named in sorted(by_scale.items()):
+        groups += decay_groups(named, weight_decay, lr_scale=scale)
+    return groups

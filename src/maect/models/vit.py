@@ -85,6 +85,17 @@ class MaskedViT(VisionTransformer):
         x = self.norm(self.blocks(self.norm_pre(x)))
         return x, masking
 
+    def forward_partially_frozen(self, images: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
+        """``forward_features`` with the embedding and the first ``frozen_blocks`` blocks run
+        without autograd (no activations stored for them). Returns normed ``[B, 1 + N, D]``."""
+        with torch.no_grad():
+            x = self.norm_pre(self._pos_embed(self.patch_embed(images)))
+            for block in self.blocks[:frozen_blocks]:
+                x = block(x)
+        for block in self.blocks[frozen_blocks:]:
+            x = block(x)
+        return self.norm(x)
+
 
 def init_like_linear(weight: torch.Tensor) -> None:
     """Xavier-uniform init of a conv kernel viewed as a ``[out, in * k * k]`` linear layer."""

@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import torch
+
+from maect.evaluation import knn_accuracy, knn_predict, knn_votes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Keeps the many tiny ops fast on a loaded 2-core machine (OpenMP threads contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference_votes(train_x, train_y, test_x, k, temperature, num_classes):
+    """Brute-force NumPy weighted k-NN votes (DINO formula), one query at a time."""
+    bank = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    queries = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    votes = np.zeros((len(test_x), num_classes))
+    for i, q in enumerate(queries):
+        sim = bank @ q
+        for j in np.argsort(-sim)[:k]:
+            votes[i, train_y[j]] += np.exp(sim[j] / temperature)
+    return votes
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    n_classes, dim = 6, 16
+    means = rng.normal(size=(n_classes, dim))
+    train_y = rng.integers(0, n_classes, 300)
+    test_y = rng.integers(0, n_classes, 120)
+    train_x = means[train_y] + 1.5 * rng.normal(size=(300, dim))
+    test_x = means[test_y] + 1.5 * rng.normal(size=(120, dim))
+    return train_x, train_y, test_x, test_y
+
+
+@pytest.mark.parametrize(("k", "temperature"), [(1, 0.07), (5, 0.07), (20, 0.5), (300, 0.1)])
+def test_votes_match_bruteforce(data, k, temperature):
+    train_x, train_y, test_x, _ = data
+    expected = _reference_votes(train_x, train_y, test_x, k, temperature, 6)
+    votes = knn_votes(torch.from_numpy(train_x), torch.from_numpy(train_y), test_x, k, temperature)
+    np.testing.assert_allclose(votes.numpy(), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_predictions_and_accuracy_match_bruteforce(data, k):
+    train_x, train_y, test_x, test_y = data
+    ref_pred = _reference_votes(train_x, train_y, test_x, k, 0.07, 6).argmax(axis=1)
+    pred = knn_predict(train_x, train_y, test_x, k=k)[k]
+    np.testing.assert_array_equal(pred.numpy(), ref_pred)
+    acc = knn_accuracy(train_x, train_y, test_x, test_y, k=k)
+    assert acc["top1"] == pytest.approx(100.0 * np.mean(ref_pred == test_y))
+    assert acc[f"top1@k{k}"] == acc["top1"]
+
+
+def test_float32_accuracy_matches_bruteforce(data):
+    train_x, train_y, test_x, test_y = data
+    ref_pred = _reference_votes(train_x, train_y, test_x, 20, 0.07, 6).argmax(axis=1)
+    acc = knn_accuracy(
+        torch.tensor(train_x, dtype=torch.float32),
+        torch.tensor(train_y),
+        torch.tensor(test_x, dtype=torch.float32),
+        torch.tensor(test_y),
+    )
+    assert abs(acc["top1"] - 100.0 * np.mean(ref_pred == test_y)) <= 100.0 / len(test_y)
+
+
+def test_temperature_weighting_beats_majority():
+    # Two moderately similar class-0 neighbours vs one almost identical class-1 neighbour.
+    train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
+    train_y = torch.tensor([1, 0, 0, 2])
+    test_x = torch.tensor([[1.0, 0.01]])
+    assert knn_predict(train_x, train_y, test_x, k=3, temperature=0.07)[3].item() == 1
+    assert knn_predict(train_x, train_y, test_x, k=3, temperature=100.0)[3].item() == 0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunked_equals_unchunked(data, chunk_size):
+    train_x, train_y, test_x, test_y = data
+    full = knn_votes(train_x, train_y, test_x, k=10)
+    chunked = knn_votes(train_x, train_y, test_x, k=10, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=0.0)
+    ks = (1, 10, 50)
+    assert knn_accuracy(
+        train_x, train_y, test_x, test_y, ks=ks, chunk_size=chunk_size
+    ) == knn_accuracy(train_x, train_y, test_x, test_y, ks=ks)
+
+
+def test_several_k_in_one_pass_equal_separate_calls(data):
+    train_x, train_y, test_x, test_y = data
+    ks = (1, 10, 20, 100, 200)
+    together = knn_accuracy(train_x, train_y, test_x, test_y, k=20, ks=ks)
+    assert set(together) == {"top1"} | {f"top1@k{k}" for k in ks}
+    for k in ks:
+        separate = knn_accuracy(train_x, train_y, test_x, test_y, k=k)
+        assert together[f"top1@k{k}"] == separate["top1"]
+    assert together["top1"] == together["top1@k20"]
+    # Different k must actually give different results on this data (guards the slicing).
+    assert len({together[f"top1@k{k}"] for k in ks}) > 1
+
+
+def test_num_classes_pads_vote_columns(data):
+    train_x, train_y, test_x, _ = data
+    votes = knn_votes(train_x, train_y, test_x, k=5, num_classes=9)
+    assert votes.shape == (len(test_x), 9)
+    assert torch.all(votes[:, 6:] == 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"train_y": np.zeros(5, dtype=np.int64)}, "different lengths"),
+        ({"test_y": np.zeros(3, dtype=np.int64)}, "different lengths"),
+        ({"train_x": np.zeros(300)}, "2-D"),
+        ({"test_x": np.zeros((120, 16, 1))}, "2-D"),
+        ({"test_x": np.zeros((120, 8))}, "feature dims"),
+        ({"k": 301}, "k=301"),
+        ({"k": 0}, "k=0"),
+        ({"ks": (10, 1000)}, "k=1000"),
+        ({"train_y": np.zeros(300)}, "integer"),
+        ({"test_y": np.zeros(120, dtype=bool)}, "integer"),
+        ({"train_y": -np.ones(300, dtype=np.int64)}, "non-negative"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_invalid_inputs_raise(data, kwargs, match):
+    train_x, train_y, test_x, test_y = data
+    args = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        knn_accuracy(**args)

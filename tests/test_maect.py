@@ -1,0 +1,167 @@
+"""MAE-CT: stage 2 trains only the head, stage 3 freezes what it must, layer-wise lr, EMAs,
+queue-size check, end-to-end tune with exact resume."""
+
+import shutil
+
+import pytest
+import torch
+
+from maect.checkpoints import CheckpointError, save_encoder
+from maect.config import ConfigError, load_config
+from maect.methods.base import arch_from_config
+from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.models.ema import ema_update
+from maect.models.heads import NNCLRProjector
+from maect.models.vit import MaskedViT
+from maect.tuning import tune
+from tests.conftest import TINY_OVERRIDES
+
+MAECT_TINY = [
+    *TINY_OVERRIDES,
+    "maect.queue_size=64",
+    "maect.topk=2",
+    "maect.proj_hidden_dim=32",
+    "maect.proj_dim=16",
+    "maect.pred_hidden_dim=32",
+    "maect.frozen_blocks=1",
+    "maect.head_epochs=1",
+    "maect.head_warmup_epochs=0",
+    "optim.warmup_epochs=0",
+    "trainer.epochs=1",
+]
+
+
+@pytest.fixture
+def maect_cfg(tmp_path):
+    init = tmp_path / "mae" / "encoder.pt"
+
+    def make(*overrides: str):
+        cfg = load_config("maect/fmnist_vit_t", [*MAECT_TINY, f"maect.init={init}", *overrides])
+        if not init.exists():
+            save_encoder(MaskedViT(arch_from_config(cfg)), init)
+        return cfg
+
+    return make
+
+
+def _batch(n: int = 16):
+    views = [torch.randn(n, 1, 28, 28), torch.randn(n, 1, 28, 28)]
+    return {"image": views, "label": torch.arange(n) % 10, "index": torch.arange(n)}
+
+
+def _steps(module, steps: int, lr: float = 1e-3):
+    groups = module.param_groups()
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    module.train()
+    for _ in range(steps):
+        loss = module.compute_losses(_batch())["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+def test_stage2_trains_only_the_head(maect_cfg):
+    cfg = maect_cfg()
+    encoder = MaskedViT(arch_from_config(cfg))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    head = NNCLRHeadTraining(cfg, encoder)
+    projector_before = head.projector[0].weight.clone()
+    optimizer = _steps(head, 3)
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in [*head.projector.parameters(), *head.predictor.parameters()]}
+    assert not head.encoder.training and head.projector.training
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(head.projector[0].weight, projector_before)
+    assert head.cfg.trainer.epochs == cfg.maect.head_epochs
+    assert head.cfg.optim.base_lr == cfg.maect.head_base_lr
+
+
+def test_stage3_frozen_parts_bit_identical_and_in_eval(maect_cfg):
+    cfg = maect_cfg()
+    module = ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg)))
+    enc = module.encoder
+    frozen = {
+        name: p.clone()
+        for name, p in enc.named_parameters()
+        if name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0."))
+    }
+    top = enc.blocks[1].attn.qkv.weight.clone()
+    _steps(module, 3)
+    for name, value in frozen.items():
+        assert torch.equal(dict(enc.named_parameters())[name], value), name
+    assert not torch.equal(enc.blocks[1].attn.qkv.weight, top)
+    assert not enc.blocks[0].training and not enc.patch_embed.training
+    assert enc.blocks[1].training
+    # no activations are kept for the frozen part: its output does not require grad
+    tokens = enc.forward_partially_frozen(torch.randn(2, 1, 28, 28), 1)
+    assert tokens.requires_grad
+
+
+def test_layer_wise_learning_rates(maect_cfg):
+    cfg = maect_cfg("maect.frozen_blocks=0", "maect.layer_decay=0.5")
+    module = ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg)))
+    depth = cfg.model.depth
+    scale_of = {}
+    for group in module.param_groups():
+        for p in group["params"]:
+            scale_of[id(p)] = (group["lr_scale"], group["weight_decay"])
+    enc = module.encoder
+    for j, block in enumerate(enc.blocks):
+        assert scale_of[id(block.attn.qkv.weight)] == (0.5 ** (depth - j), cfg.optim.weight_decay)
+        assert scale_of[id(block.attn.qkv.bias)] == (0.5 ** (depth - j), 0.0)
+    assert scale_of[id(enc.norm.weight)] == (1.0, 0.0)
+    head_scale = cfg.maect.tune_head_base_lr / cfg.optim.base_lr
+    w = module.projector[0].weight
+    assert scale_of[id(w)] == (pytest.approx(head_scale), cfg.maect.tune_head_weight_decay)
+    assert id(enc.cls_token) not in scale_of and id(enc.patch_embed.proj.weight) not in scale_of
+    for p in [*module.target_projector.parameters(), *module.ema_encoder.parameters()]:
+        assert id(p) not in scale_of
+
+
+def test_ema_update_math():
+    online, target = NNCLRProjector(4, 8, 3), NNCLRProjector(4, 8, 3)
+    online(torch.randn(5, 4))  # moves BatchNorm statistics
+    expected = [0.9 * t + 0.1 * o for t, o in zip(target.parameters(), online.parameters())]
+    ema_update(target, online, 0.9)
+    for got, want in zip(target.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        assert torch.equal(t, o)
+
+
+def test_tune_end_to_end_and_exact_resume(maect_cfg, tmp_path):
+    cfg = maect_cfg("trainer.epochs=2", "trainer.checkpoint_every=1")
+    run = tmp_path / "maect"
+    tune(cfg, run)
+    for name in ("config.yaml", "encoder.pt", "head/head.pt", "head/metrics.csv",
+                 "tune/checkpoints/epoch0001.ckpt", "tune/checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    finished = torch.load(run / "tune/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("target_projector.") for k in finished)
+    assert any(k.startswith("ema_encoder.") for k in finished)
+
+    (run / "encoder.pt").unlink()
+    shutil.copy(run / "tune/checkpoints/epoch0001.ckpt", run / "tune/checkpoints/last.ckpt")
+    tune(cfg, run)
+    resumed = torch.load(run / "tune/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert resumed.keys() == finished.keys()
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key], rtol=0, atol=0, msg=key)
+
+
+def test_queue_size_must_divide_global_batch(maect_cfg, tmp_path):
+    cfg = maect_cfg("maect.queue_size=60")
+    with pytest.raises(ConfigError, match="queue_size=60 is not a multiple of the global batch 16"):
+        tune(cfg, tmp_path / "bad")
+
+
+def test_init_of_another_architecture_is_refused(maect_cfg, tmp_path):
+    cfg = maect_cfg()
+    other = load_config("maect/fmnist_vit_t", [*MAECT_TINY, "model.embed_dim=64", "model.num_heads=2",
+                                               f"maect.init={cfg.maect.init}"])
+    with pytest.raises(CheckpointError, match="embed_dim: 32 \\(checkpoint\\) vs 64"):
+        tune(other, tmp_path / "other")
+    with pytest.raises(ConfigError, match="maect.init is empty"):
+        tune(load_config("maect/fmnist_vit_t", MAECT_TINY), tmp_path / "noinit")
