@@ -35,5 +35,7 @@ def tiny_cfg():
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_private_cache(tmp_path_factory, monkeypatch):
+    """Fixed seed, and a feature cache that never touches the user's ~/.cache."""
     torch.manual_seed(0)
+    monkeypatch.setenv("MAECT_CACHE", str(tmp_path_factory.mktemp("maect_cache")))

@@ -123,7 +123,8 @@ def test_layer_wise_learning_rates(maect_cfg):
 def test_ema_update_math():
     online, target = NNCLRProjector(4, 8, 3), NNCLRProjector(4, 8, 3)
     online(torch.randn(5, 4))  # moves BatchNorm statistics
-    expected = [0.9 * t + 0.1 * o for t, o in zip(target.parameters(), online.parameters())]
+    pairs = zip(target.parameters(), online.parameters(), strict=True)
+    expected = [0.9 * t + 0.1 * o for t, o in pairs]
     ema_update(target, online, 0.9)
     for got, want in zip(target.parameters(), expected, strict=True):
         torch.testing.assert_close(got, want)
@@ -135,8 +136,14 @@ def test_tune_end_to_end_and_exact_resume(maect_cfg, tmp_path):
     cfg = maect_cfg("trainer.epochs=2", "trainer.checkpoint_every=1")
     run = tmp_path / "maect"
     tune(cfg, run)
-    for name in ("config.yaml", "encoder.pt", "head/head.pt", "head/metrics.csv",
-                 "tune/checkpoints/epoch0001.ckpt", "tune/checkpoints/last.ckpt"):
+    for name in (
+        "config.yaml",
+        "encoder.pt",
+        "head/head.pt",
+        "head/metrics.csv",
+        "tune/checkpoints/epoch0001.ckpt",
+        "tune/checkpoints/last.ckpt",
+    ):
         assert (run / name).is_file(), name
     finished = torch.load(run / "tune/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("target_projector.") for k in finished)
@@ -159,8 +166,10 @@ def test_queue_size_must_divide_global_batch(maect_cfg, tmp_path):
 
 def test_init_of_another_architecture_is_refused(maect_cfg, tmp_path):
     cfg = maect_cfg()
-    other = load_config("maect/fmnist_vit_t", [*MAECT_TINY, "model.embed_dim=64", "model.num_heads=2",
-                                               f"maect.init={cfg.maect.init}"])
+    other = load_config(
+        "maect/fmnist_vit_t",
+        [*MAECT_TINY, "model.embed_dim=64", "model.num_heads=2", f"maect.init={cfg.maect.init}"],
+    )
     with pytest.raises(CheckpointError, match="embed_dim: 32 \\(checkpoint\\) vs 64"):
         tune(other, tmp_path / "other")
     with pytest.raises(ConfigError, match="maect.init is empty"):

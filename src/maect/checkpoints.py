@@ -12,6 +12,7 @@ Supported inputs to :func:`load_encoder`:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,33 @@ IGNORED_PREFIXES = (
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read as a ViT encoder; the message says why."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is unchanged."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``<name>.tmp`` in the same folder, fsync, then rename over ``<name>``:
+    the previous file under that name stays intact until the new one is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports some write failures as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"could not write {path} ({err}); the previous file under that name is unchanged"
+        ) from err
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
 
 
 def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -152,8 +180,4 @@ def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None =
 
 def save_encoder(encoder: MaskedViT, path: Path) -> None:
     """Write ``{"model": timm state dict, "arch": ...}`` (timm's ``load_checkpoint`` reads it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": encoder.state_dict(), "arch": dataclasses.asdict(encoder.arch)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_save({"model": encoder.state_dict(), "arch": dataclasses.asdict(encoder.arch)}, path)

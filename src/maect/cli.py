@@ -6,14 +6,24 @@ import argparse
 import logging
 import sys
 
-from maect.checkpoints import CheckpointError
+from maect.checkpoints import CheckpointError, CheckpointWriteError
 from maect.config import ConfigError, available_recipes, load_config
 from maect.data.datasets import DataNotFoundError
+from maect.faults import NonFiniteLossError
 
-USAGE_ERRORS = (ConfigError, CheckpointError, DataNotFoundError)
+# Errors whose message is the whole story: printed as one line, exit code 2.
+USAGE_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    CheckpointWriteError,
+    DataNotFoundError,
+    NonFiniteLossError,
+)
 
 
-def split_assignments(tokens: list[str], required: tuple[str, ...]) -> tuple[dict, list[str]]:
+def split_assignments(
+    tokens: list[str], required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> tuple[dict, list[str]]:
     """Separate the command's own ``name=value`` arguments from config overrides."""
     own: dict[str, str] = {}
     overrides: list[str] = []
@@ -21,7 +31,7 @@ def split_assignments(tokens: list[str], required: tuple[str, ...]) -> tuple[dic
         key, sep, value = token.partition("=")
         if not sep:
             raise ConfigError(f"argument '{token}' is not of the form key=value")
-        if key in required:
+        if key in required or key in optional:
             own[key] = value
         else:
             overrides.append(token)
@@ -51,12 +61,59 @@ def cmd_tune(args: list[str]) -> None:
     print(f"run directory: {run_dir}")
 
 
+def cmd_evaluate(args: list[str]) -> None:
+    """``maect evaluate SOURCE [data=NAME] [protocols=knn,linear,lowshot,cluster] [key=value ...]``.
+
+    SOURCE is a run directory, a checkpoint file, ``pixels`` (the raw-pixel baseline), or an
+    ``eval.json`` whose table is printed.
+    """
+    import json
+    from pathlib import Path
+
+    from maect.evaluation.command import evaluate, format_table, load_eval_config
+
+    if not args or "=" in args[0]:
+        raise ConfigError("missing SOURCE: a run directory, a checkpoint, pixels or an eval.json")
+    source, overrides = args[0], args[1:]
+    if source.endswith(".json"):
+        if not Path(source).is_file():
+            raise ConfigError(f"no such file: {source}")
+        print(format_table(json.loads(Path(source).read_text())))
+        return
+    evaluate(source, load_eval_config(overrides))
+
+
+def cmd_run(args: list[str]) -> None:
+    """``maect run recipe=pipelines/NAME [out=DIR] [key=value ...]`` (``eval.*`` keys go to the
+    evaluations, the others to every training stage)."""
+    from maect.pipeline import run_pipeline
+
+    own, overrides = split_assignments(args, ("recipe",), optional=("out",))
+    run_pipeline(own["recipe"], own.get("out"), overrides)
+
+
+def cmd_report(args: list[str]) -> None:
+    """``maect report RUN_DIR``: write ``RUN_DIR/report.html`` (a run or a pipeline directory)."""
+    from maect.report import write_report
+
+    if len(args) != 1 or "=" in args[0]:
+        raise ConfigError("expected exactly one argument: RUN_DIR (a run or pipeline directory)")
+    print(write_report(args[0]))
+
+
 def cmd_recipes(args: list[str]) -> None:
     """``maect recipes``: list the shipped recipes."""
     print("\n".join(available_recipes()))
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "recipes": cmd_recipes, "tune": cmd_tune}
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "recipes": cmd_recipes,
+    "run": cmd_run,
+    "tune": cmd_tune,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("args", nargs="*", help="key=value arguments and config overrides")
     ns = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("maect: %(message)s"))
-    logging.getLogger("maect").addHandler(handler)
-    logging.getLogger("maect").setLevel(logging.INFO)
+    logger = logging.getLogger("maect")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("maect: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         COMMANDS[ns.command](ns.args)
     except USAGE_ERRORS as err:

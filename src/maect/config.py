@@ -74,7 +74,13 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Lightning Trainer settings and run-directory outputs."""
+    """Lightning Trainer settings and run-directory outputs.
+
+    ``checkpoint_every`` (epochs) keeps ``epochNNNN.ckpt``; ``last.ckpt`` is rewritten after every
+    epoch and, if ``checkpoint_every_steps > 0``, every that many optimizer steps (exact mid-epoch
+    resume). A non-finite loss stops the run naming the step and the terms, unless
+    ``skip_nonfinite`` (the step is skipped and counted as ``train/skipped_nonfinite``).
+    """
 
     epochs: int = 800
     accelerator: str = "auto"
@@ -84,11 +90,14 @@ class TrainerConfig:
     precision: str = "auto"
     accumulate_grad_batches: int = 1
     checkpoint_every: int = 20
+    checkpoint_every_steps: int = 0
     recon_every: int = 20
+    monitor_every: int = 1
     log_every_n_steps: int = 20
     seed: int = 0
     deterministic: bool = False
     progress_bar: bool = True
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -116,6 +125,7 @@ class CANConfig:
     """
 
     mask_ratio: float = 0.5
+    norm_pix_loss: bool = True
     noise_std_max: float = 0.05
     noise_embed_scale: float = 1000.0
     condition_mask_tokens: bool = True
@@ -188,9 +198,10 @@ def recipe_root() -> Path:
 
 
 def available_recipes() -> list[str]:
-    """Names of all shipped recipes, e.g. ``mae/fmnist_vit_t``."""
+    """Names of all shipped run recipes, e.g. ``mae/fmnist_vit_t`` (pipelines excluded)."""
     root = recipe_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("pipelines/"))
 
 
 def read_recipe(name: str) -> dict[str, Any]:
@@ -384,8 +395,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         "trainer.accumulate_grad_batches",
         f"must be >= 1, got {t.accumulate_grad_batches}",
     )
+    _require(
+        t.monitor_every >= 0,
+        "trainer.monitor_every",
+        f"must be >= 0 (0: off), got {t.monitor_every}",
+    )
     for key in ("checkpoint_every", "recon_every", "log_every_n_steps", "num_nodes"):
         _require(getattr(t, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
+    _require(
+        t.checkpoint_every_steps >= 0,
+        "trainer.checkpoint_every_steps",
+        f"must be >= 0 (0: only at epoch ends), got {t.checkpoint_every_steps}",
+    )
     return cfg
 
 

@@ -2,20 +2,25 @@
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (``last.ckpt`` + every N epochs),
 ``metrics.csv``, TensorBoard events under ``tb/``, ``reconstructions/*.png`` and, once training
-has finished, ``encoder.pt``. Re-running the same command on an unfinished run resumes it.
+has finished, ``encoder.pt``. Re-running the same command on an unfinished run resumes it exactly:
+weights, optimizer, lr schedule, queues and EMAs from the checkpoint, the data order from its
+position in the epoch, and the random draws from (seed, rank, epoch, batch).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from maect.callbacks import ReconstructionGrid, Throughput
 from maect.checkpoints import save_encoder
@@ -24,6 +29,8 @@ from maect.data.datasets import ImageDataset, SubsetDataset, build_dataset, norm
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
 from maect.data.transforms import eval_transform
+from maect.evaluation.monitor import build_monitor
+from maect.faults import AtomicCheckpointIO, resume_checkpoint
 from maect.methods import METHOD_CLASSES, PretrainMethod
 
 log = logging.getLogger(__name__)
@@ -37,24 +44,52 @@ RESUMABLE_KEYS = (
     "trainer.accelerator",
     "trainer.num_nodes",
     "trainer.strategy",
+    "trainer.checkpoint_every_steps",
+    "trainer.skip_nonfinite",
 )
 PREVIEW_IMAGES = 8
 # The CSV logger writes metrics.csv into the run directory, which is never empty.
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+# The training sampler resumes mid-epoch itself (EpochShuffleSampler.resume).
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
-class EpochCheckpoint(ModelCheckpoint):
-    """Names periodic checkpoints by epochs completed (``epoch0005.ckpt`` after five epochs),
-    like the reconstruction grids, instead of Lightning's 0-based epoch index."""
+class RunCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` after every epoch and, if ``every_steps > 0``, every that many
+    optimizer steps within an epoch; keeps ``epochNNNN.ckpt`` (epochs completed, like the
+    reconstruction grids) every ``every_epochs`` epochs. Writes are atomic (AtomicCheckpointIO)."""
 
-    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None):
-        if "epoch" in metrics:
-            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
-        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+    def __init__(self, dirpath: Path, every_epochs: int, every_steps: int) -> None:
+        self.dirpath = dirpath
+        self.every_epochs = every_epochs
+        self.every_steps = every_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        last_batch = batch_idx + 1 == trainer.num_training_batches  # the epoch end saves it
+        if (
+            self.every_steps
+            and stepped
+            and not last_batch
+            and trainer.global_step % self.every_steps == 0
+            and not trainer.fast_dev_run
+        ):
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:
+            return
+        epochs = trainer.current_epoch + 1
+        if epochs % self.every_epochs == 0:
+            trainer.save_checkpoint(self.dirpath / f"epoch{epochs:04d}.ckpt")
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """Create ``run_dir`` and write ``config.yaml``; refuse to resume with a different config."""
+    """Create ``run_dir`` and write ``config.yaml``; refuse to resume with a different config.
+
+    Every rank calls this; the file is replaced atomically so no rank reads a partial one.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if path.is_file():
@@ -68,7 +103,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
                 f"{run_dir} already holds a run with another config ({'; '.join(changed)}). "
                 "Use a new out= directory, or repeat the original command to resume."
             )
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp = path.with_name(f"config.yaml.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
 
 
 def resolve_precision(precision: str) -> str:
@@ -117,19 +154,20 @@ def preview_images(cfg: RunConfig, dataset: ImageDataset) -> torch.Tensor:
 def build_trainer(
     cfg: RunConfig, run_dir: Path, callbacks: list[Callback], dev_run: int = 0
 ) -> L.Trainer:
-    """Lightning Trainer with checkpoints, CSV + TensorBoard loggers and throughput display."""
+    """Lightning Trainer with atomic checkpoints, CSV + TensorBoard loggers and throughput display.
+
+    The training loader shards itself over ranks (no Lightning DistributedSampler). BatchNorm is
+    synchronised across GPUs; on CPU (gloo) it stays per rank, as torch's SyncBatchNorm needs GPUs.
+    """
     t = cfg.trainer
-    checkpoint = EpochCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:04d}",
-        auto_insert_metric_name=False,
-        every_n_epochs=t.checkpoint_every,
-        save_top_k=-1,
-        save_last=True,
-        enable_version_counter=False,
+    checkpoint = RunCheckpoint(
+        run_dir / "checkpoints", t.checkpoint_every, t.checkpoint_every_steps
+    )
+    on_gpu = t.accelerator in ("gpu", "cuda") or (
+        t.accelerator == "auto" and torch.cuda.is_available()
     )
     loggers = [
-        CSVLogger(run_dir, name="", version=""),
+        CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=1),
         TensorBoardLogger(run_dir, name="tb", version="", default_hp_metric=False),
     ]
     return L.Trainer(
@@ -143,13 +181,27 @@ def build_trainer(
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar,
-        sync_batchnorm=True,
+        sync_batchnorm=on_gpu,
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[checkpoint, Throughput(), *callbacks],
         logger=loggers,
         default_root_dir=run_dir,
         fast_dev_run=dev_run or False,
         enable_model_summary=False,
     )
+
+
+@rank_zero_only
+def keep_metrics(logger: CSVLogger, before_step: int) -> None:
+    """Carry the ``metrics.csv`` rows of an interrupted run logged before ``before_step`` over to
+    the resumed one (Lightning's CSV logger deletes an existing file)."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["step"]) < before_step]
+    logger.experiment.metrics[:0] = rows  # creating the writer deleted the file
 
 
 def fit_module(
@@ -160,21 +212,22 @@ def fit_module(
     callbacks: list[Callback],
     dev_run: int = 0,
 ) -> L.Trainer:
-    """Train ``module`` on ``dataset`` (whose transform is already set), resuming from
-    ``run_dir/checkpoints/last.ckpt`` when it exists."""
+    """Train ``module`` on ``dataset`` (whose transform is already set), resuming from the newest
+    readable checkpoint in ``run_dir/checkpoints`` (see :func:`maect.faults.resume_checkpoint`)."""
     d = cfg.data
     loader = build_loader(
         dataset, d.batch_size, d.num_workers, shuffle=True, drop_last=True, seed=cfg.trainer.seed
     )
-    if len(loader) == 0:
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} is larger than the {len(dataset)} training images"
-        )
+    loader.sampler.num_batches()  # ConfigError now if there is not one full batch
     trainer = build_trainer(cfg, run_dir, callbacks, dev_run)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() and not dev_run else None
-    if resume:
-        log.warning("resuming %s from %s", run_dir, last)
+    found = None if dev_run else resume_checkpoint(run_dir / "checkpoints", cfg.to_dict()["model"])
+    resume = None
+    if found is not None:
+        resume, ckpt = found
+        log.warning("resuming %s from %s", run_dir, resume)
+        if "data_position" in ckpt:
+            loader.sampler.resume(**ckpt["data_position"])
+        keep_metrics(trainer.loggers[0], ckpt["global_step"])
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     return trainer
 
@@ -207,7 +260,9 @@ def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
     )
     module = METHOD_CLASSES[cfg.method](cfg)
     dataset.transform = module.train_transform()
-    trainer = fit_module(cfg, module, dataset, run_dir, [recon], dev_run)
+    monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
+    callbacks = [recon] if monitor is None else [recon, monitor]
+    trainer = fit_module(cfg, module, dataset, run_dir, callbacks, dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(module.export_encoder(), run_dir / "encoder.pt")
     return run_dir

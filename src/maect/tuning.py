@@ -16,9 +16,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from maect.checkpoints import CheckpointError, load_encoder, save_encoder
+from maect.checkpoints import CheckpointError, atomic_save, load_encoder, save_encoder
 from maect.config import ConfigError, RunConfig
 from maect.engine import fit_module, prepare_run_dir, training_dataset
+from maect.evaluation.monitor import build_monitor
 from maect.methods.base import arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.models.vit import MaskedViT
@@ -65,14 +66,16 @@ def tune(
             dataset.transform = head.train_transform()
             trainer = fit_module(head.cfg, head, dataset, run_dir / "head", [], dev_run)
             if trainer.is_global_zero and not dev_run:
-                torch.save(head.head_state(), head_file)
+                atomic_save(head.head_state(), head_file)
             head_state = head.head_state()
         else:
             head_state = torch.load(head_file, map_location="cpu", weights_only=True)
 
     tuning = ContrastiveTuning(cfg, load_init_encoder(cfg), head_state)
     dataset.transform = tuning.train_transform()
-    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", list(callbacks or []), dev_run)
+    monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
+    stage3_callbacks = [*(callbacks or []), *([monitor] if monitor is not None else [])]
+    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(tuning.export_encoder(), run_dir / "encoder.pt")
     return run_dir

@@ -109,7 +109,8 @@ class MultiView:
 
 
 # Named view pairs: per-view keyword arguments of :func:`augmented_view`.
-VIEW_PAIRS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+SIMCLR_JITTER = (0.8, 0.8, 0.8, 0.2)  # SimCLR's colour distortion at strength 1
+VIEW_PAIRS: dict[str, tuple[dict, dict]] = {
     # MAE-CT_min: crop and flip only.
     "min": ({}, {}),
     # BYOL's asymmetric pair (MAE-CT_aug).
@@ -119,8 +120,8 @@ VIEW_PAIRS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
     ),
     # SimCLR's symmetric pair (CAN, SimCLR).
     "simclr": (
-        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2},
-        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2},
+        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2, "jitter": SIMCLR_JITTER},
+        {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2, "jitter": SIMCLR_JITTER},
     ),
 }
 

@@ -1,7 +1,9 @@
-"""Shared training plumbing: optimizer, lr schedule, logging; methods add their losses."""
+"""Shared training plumbing: optimizer, lr schedule, logging, per-step random seeds and the
+non-finite loss guard; methods add their losses."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +13,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from maect.config import RunConfig
 from maect.data.datasets import normalization_stats
+from maect.data.loader import derive_seed
 from maect.data.transforms import mae_transform
+from maect.faults import NonFiniteLossError
 from maect.methods.schedule import decay_groups, warmup_cosine
 from maect.models.vit import MaskedViT, ViTArch
-from maect.rng import capture_rng, restore_rng
+
+log = logging.getLogger(__name__)
 
 
 def arch_from_config(cfg: RunConfig) -> ViTArch:
@@ -43,6 +48,8 @@ class PretrainMethod(LightningModule):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
+        self.skipped_nonfinite = 0
+        self._drop_update = False
         self.save_hyperparameters({"config": cfg.to_dict()})
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -68,16 +75,58 @@ class PretrainMethod(LightningModule):
     # ---------------------------------------------------------------- lightning
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the random state so a resumed run draws the same crops and masks."""
-        checkpoint["rng"] = capture_rng()
+        """Store where the epoch's data order stands (images of the global order trained on;
+        the start of the next epoch after its last batch) and the skipped-step count."""
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if done >= self.trainer.num_training_batches:
+            position = {"epoch": self.current_epoch + 1, "images": 0}
+        else:
+            images = done * self.cfg.data.batch_size * self.trainer.world_size
+            position = {"epoch": self.current_epoch, "images": images}
+        checkpoint["data_position"] = position
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random state saved by :meth:`on_save_checkpoint`."""
-        if "rng" in checkpoint:
-            restore_rng(checkpoint["rng"])
+        """Restore the skipped-step count (the data position is read by the engine)."""
+        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
+
+    def nonfinite_step(self, losses: dict[str, torch.Tensor], batch_idx: int) -> bool:
+        """Whether this step's loss is NaN/inf on any rank (all ranks agree, so they skip or stop
+        together). Raises :class:`NonFiniteLossError` naming the step and the terms, unless
+        ``trainer.skip_nonfinite``: then the step is counted and True returned."""
+        local = not bool(torch.isfinite(losses["loss"].detach()).all())
+        if not self.trainer.strategy.reduce_boolean_decision(local, all=False):
+            return False
+        where = (
+            ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in losses.items())
+            if local
+            else "on another rank"
+        )
+        step = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if not self.cfg.trainer.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"non-finite loss at {step}: {where}. Training stopped; checkpoints written "
+                "before this step are intact. trainer.skip_nonfinite=true skips such steps."
+            )
+        self.skipped_nonfinite += 1
+        log.warning("skipping %s: non-finite loss (%s)", step, where)
+        return True
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Masks, noise and neighbour picks depend only on (seed, rank, epoch, batch): a resumed
+        # run draws what an uninterrupted one would, and ranks draw independently.
+        t = self.cfg.trainer
+        torch.manual_seed(derive_seed(t.seed, self.global_rank, self.current_epoch, batch_idx))
         losses = self.compute_losses(batch)
+        if self.nonfinite_step(losses, batch_idx):
+            count = float(self.skipped_nonfinite)  # run total, logged once per epoch with skips
+            self.log(
+                "train/skipped_nonfinite", count, on_step=False, on_epoch=True, reduce_fx="max"
+            )
+            # Lightning forbids returning None under DDP: every rank runs the backward pass and
+            # on_before_optimizer_step drops the (non-finite) gradients instead
+            self._drop_update = True
+            return losses["loss"]
         batch_size = len(batch["label"])
         for name, value in losses.items():
             self.log(
@@ -86,11 +135,19 @@ class PretrainMethod(LightningModule):
                 prog_bar=name == "loss",
                 on_epoch=True,
                 batch_size=batch_size,
+                sync_dist=True,  # mean over ranks (a no-op on one device)
             )
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].float(), reduce_fx="sum", batch_size=1)
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update of a step with a non-finite loss: without gradients, AdamW leaves the
+        parameters and their moments unchanged."""
+        if self._drop_update:
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_update = False
 
     @property
     def global_batch_size(self) -> int:

@@ -11,7 +11,7 @@ from maect.models.decoder import MAEDecoder
 from maect.models.vit import MaskedViT, build_encoder
 
 
-def build_autoencoder(cfg: RunConfig, encoder: MaskedViT) -> MaskedAutoencoder:
+def build_autoencoder(cfg: RunConfig, encoder: MaskedViT, norm_pix_loss: bool) -> MaskedAutoencoder:
     """Encoder plus the decoder described by ``cfg.model``."""
     m = cfg.model
     decoder = MAEDecoder(
@@ -23,7 +23,7 @@ def build_autoencoder(cfg: RunConfig, encoder: MaskedViT) -> MaskedAutoencoder:
         num_heads=m.decoder_heads,
         mlp_ratio=m.mlp_ratio,
     )
-    return MaskedAutoencoder(encoder, decoder, norm_pix_loss=cfg.mae.norm_pix_loss)
+    return MaskedAutoencoder(encoder, decoder, norm_pix_loss=norm_pix_loss)
 
 
 class MAE(PretrainMethod):
@@ -32,7 +32,7 @@ class MAE(PretrainMethod):
     def __init__(self, cfg: RunConfig) -> None:
         encoder = build_encoder(arch_from_config(cfg))
         super().__init__(cfg, encoder)
-        self.autoencoder = build_autoencoder(cfg, encoder)
+        self.autoencoder = build_autoencoder(cfg, encoder, cfg.mae.norm_pix_loss)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]

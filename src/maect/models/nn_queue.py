@@ -96,9 +96,14 @@ class NNQueue(nn.Module):
             )
         start = int(self.ptr)
         window = (start + torch.arange(batch, device=self.ptr.device)) % self.size
-        self.embeddings[window] = z.to(self.embeddings.dtype)
-        self.ids[window] = ids
-        self.labels[window] = -1 if labels is None else labels
+        # rows that are not finite (a skipped non-finite step) keep the old entry; no host sync
+        finite = torch.isfinite(z).all(dim=1)
+        new_labels = torch.full_like(ids, -1) if labels is None else labels
+        self.embeddings[window] = torch.where(
+            finite[:, None], z.to(self.embeddings.dtype), self.embeddings[window]
+        )
+        self.ids[window] = torch.where(finite, ids, self.ids[window])
+        self.labels[window] = torch.where(finite, new_labels, self.labels[window])
         self.ptr.fill_((start + batch) % self.size)
 
     @torch.no_grad()

@@ -1,0 +1,62 @@
+"""Collect per-rank evaluation features into one tensor in dataset order."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from maect.distributed import world_size
+
+
+def _all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per rank) from all ranks."""
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.empty_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+@torch.no_grad()
+def gather_in_order(
+    features: torch.Tensor, indices: torch.Tensor, dataset_len: int
+) -> torch.Tensor:
+    """Features of the whole dataset, row ``i`` for sample ``i``, from every rank's share.
+
+    Each rank passes the rows it computed and their dataset indices (any order, any count). Rows
+    repeated by ``DistributedSampler``'s padding (or by several ranks) land on the same row once.
+    In a single process this just reorders.
+
+    Args:
+        features: ``[n, D]`` features of this rank.
+        indices: ``[n]`` dataset indices of those rows.
+        dataset_len: Number of samples in the dataset.
+
+    Returns:
+        ``[dataset_len, D]`` on the device of ``features``.
+
+    Raises:
+        ValueError: If an index is out of range or some sample has no row on any rank.
+    """
+    indices = indices.to(features.device).long()
+    if world_size() > 1:
+        features, indices = _all_gather_varlen(features), _all_gather_varlen(indices)
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < dataset_len:
+        raise ValueError(
+            f"indices must lie in [0, {dataset_len}), got {indices.min()}..{indices.max()}"
+        )
+    out = features.new_zeros((dataset_len, *features.shape[1:]))
+    seen = torch.zeros(dataset_len, dtype=torch.bool, device=features.device)
+    out[indices] = features
+    seen[indices] = True
+    if not bool(seen.all()):
+        missing = (~seen).nonzero().flatten()
+        raise ValueError(
+            f"no features for {missing.numel()} of {dataset_len} samples "
+            f"(first missing: {missing[:5].tolist()})"
+        )
+    return out

@@ -1,0 +1,272 @@
+"""Frozen-encoder feature extraction, train-statistics standardisation and an on-disk cache.
+
+:func:`extract_features` runs an encoder over a dataset (batched, no gradient, bf16 autocast on
+GPU) and pools its tokens into one vector per image. :func:`cached_features` wraps it with a
+cache keyed by a :class:`FeatureKey` (weights, dataset, split, subset, transform, pooling, layer),
+so that the protocols of one ``maect evaluate`` call, and later calls, extract only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from maect.data.loader import build_loader
+from maect.models.pooling import pool_tokens
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the stored layout or the extraction semantics change
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"``: the first GPU if there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def encode(
+    encoder: VisionTransformer | None,
+    images: torch.Tensor,
+    pooling: str = "cls",
+    layer: int | None = None,
+) -> torch.Tensor:
+    """Pooled features ``[B, D]`` of a batch of normalised images.
+
+    Args:
+        encoder: A timm ViT; ``None`` returns the flattened pixels (``pooling``/``layer`` unused).
+        images: Normalised images ``[B, C, H, W]`` on the encoder's device.
+        pooling: ``cls``, ``mean`` (patch tokens) or ``cls+mean`` (concatenated).
+        layer: ``None`` pools the output of the final norm (``forward_features``); ``k`` pools the
+            output of block ``k`` (0-based, negative counts from the end) after the encoder's
+            final norm, so ``layer=-1`` equals the default.
+    """
+    if encoder is None:
+        return images.flatten(1)
+    if layer is None:
+        tokens = encoder.forward_features(images)
+    else:
+        depth = len(encoder.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer={layer} is out of range for an encoder with {depth} blocks")
+        ((patches, prefix),) = encoder.forward_intermediates(
+            images,
+            indices=[layer],
+            return_prefix_tokens=True,
+            norm=True,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        tokens = torch.cat([prefix, patches], dim=1)
+    return pool_tokens(tokens, pooling)
+
+
+def extract_features(
+    encoder: VisionTransformer | None,
+    dataset: Dataset,
+    pooling: str = "cls",
+    layer: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of every readable image of ``dataset``, in dataset order.
+
+    The dataset's own ``transform`` must produce the normalised evaluation view. The encoder is
+    put in eval mode for the pass and its previous mode restored; images that cannot be read are
+    skipped (their rows are absent from the result).
+
+    Args:
+        encoder: A timm ViT, or ``None`` for raw normalised pixels flattened.
+        dataset: Yields ``(image, label, index)`` (any :class:`maect.data.datasets.ImageDataset`).
+        pooling: ``cls``, ``mean`` or ``cls+mean`` (see :func:`encode`).
+        layer: Block whose output is pooled (see :func:`encode`); ``None`` for the last.
+        batch_size: Images per forward pass.
+        device: Where the encoder runs; ``None`` picks the GPU if available. bf16 autocast on GPU.
+        num_workers: Data loader workers.
+        progress: Show a tqdm progress bar.
+        desc: Label of the progress bar.
+
+    Returns:
+        ``(features [N, D] float32 on the CPU, labels [N] int64)``.
+    """
+    device = resolve_device(device)
+    loader = build_loader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
+    was_training = encoder.training if encoder is not None else False
+    if encoder is not None:
+        encoder.eval().to(device)
+    features, labels = [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        with torch.inference_mode(), autocast:
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                images = batch["image"].to(device, non_blocking=True)
+                features.append(encode(encoder, images, pooling, layer).float().cpu())
+                labels.append(batch["label"])
+    finally:
+        if encoder is not None:
+            encoder.train(was_training)
+    return torch.cat(features), torch.cat(labels).long()
+
+
+def standardize(
+    train_x: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, ...]:
+    """Standardise every feature with the mean and std of ``train_x`` (applied to all inputs).
+
+    Returns:
+        ``(train_x, *others)`` standardised, in the order given.
+    """
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, unbiased=False) + eps
+    return tuple((x - mean) / std for x in (train_x, *others))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def weights_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+    """A short hash identifying encoder weights.
+
+    A file (or a run directory, through its ``encoder.pt`` / ``checkpoints/last.ckpt``) is
+    identified by its resolved path, size and modification time, which costs no reading; a
+    state dict or module by the bytes of its tensors.
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_dir():
+            candidates = [path / "encoder.pt", path / "checkpoints" / "last.ckpt"]
+            path = next((c for c in candidates if c.is_file()), path)
+        stat = path.stat()
+        text = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    state = source.state_dict() if isinstance(source, torch.nn.Module) else source
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything that determines a feature matrix; its :meth:`digest` names the cache file.
+
+    Attributes:
+        weights: :func:`weights_fingerprint` of the encoder, or ``"pixels"``.
+        dataset: Dataset name.
+        root: Dataset root folder (``""`` for the default location).
+        split: ``train`` or ``test``.
+        subset: Description of the sample selection, e.g. ``"all"`` or ``"balanced:1000:seed0"``.
+        transform: Description of the evaluation transform (size, channels, normalisation).
+        pooling: Token pooling.
+        layer: Block index, or ``None`` for the final norm.
+    """
+
+    weights: str
+    dataset: str
+    root: str
+    split: str
+    subset: str
+    transform: str
+    pooling: str
+    layer: int | None
+
+    def digest(self) -> str:
+        """Hash of all fields (and of the cache format)."""
+        payload = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def filename(self) -> str:
+        """``<split>-<pooling>[-l<layer>]-<digest>.pt``."""
+        layer = "" if self.layer is None else f"-l{self.layer}"
+        return f"{self.split}-{self.pooling.replace('+', '_')}{layer}-{self.digest()}.pt"
+
+
+def default_cache_dir(source: str | Path | None = None) -> Path:
+    """``<run_dir>/features`` for a run directory; else ``$MAECT_CACHE/features``, defaulting to
+    ``~/.cache/maect/features``."""
+    if source is not None and Path(source).is_dir():
+        return Path(source) / "features"
+    root = os.environ.get("MAECT_CACHE") or Path.home() / ".cache" / "maect"
+    return Path(root) / "features"
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing and rename it to ``path`` on success,
+    so readers never see a partial file (the temporary file is removed on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def cached_features(
+    encoder: VisionTransformer | None,
+    dataset: Dataset,
+    key: FeatureKey,
+    cache_dir: Path | None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` through an on-disk cache in ``cache_dir`` (``None``: no cache).
+
+    The caller guarantees that ``key`` describes ``encoder`` and ``dataset`` (with its transform);
+    ``key.pooling`` and ``key.layer`` select the pooling. A stored file whose key differs (a hash
+    collision, or a file from elsewhere) is ignored and overwritten.
+
+    Returns:
+        ``(features [N, D] float32 CPU, labels [N] int64)``, identical to a fresh extraction.
+    """
+    path = cache_dir / key.filename() if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") == dataclasses.asdict(key):
+                log.info("features from cache %s", path)
+                return stored["features"], stored["labels"]
+        except (OSError, RuntimeError, EOFError) as err:
+            log.warning("ignoring unreadable feature cache %s: %s", path, err)
+    features, labels = extract_features(
+        encoder,
+        dataset,
+        key.pooling,
+        key.layer,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"{key.split} features",
+    )
+    if path is not None:
+        payload = {"key": dataclasses.asdict(key), "features": features, "labels": labels}
+        with atomic_write(path) as f:
+            torch.save(payload, f)
+    return features, labels
