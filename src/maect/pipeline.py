@@ -1,0 +1,208 @@
+"""``maect run``: chain pretraining, MAE-CT tuning and evaluation, then compare the methods.
+
+A pipeline recipe (``recipes/pipelines/*.yaml``) names stages; each stage is a run directory
+``<out>/<stage name>`` made by ``pretrain`` or ``tune`` (a ``tune`` stage names its ``init`` stage),
+so a finished stage is skipped and an interrupted one resumes. Evaluation writes ``eval.json`` in
+each evaluated directory (``<out>/pixels`` for the raw-pixel baseline) and is skipped when that
+file exists. The comparison goes to stdout, ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maect.config import ConfigError, from_dict, load_config, read_recipe
+
+COMMANDS = ("pretrain", "tune")
+PIXELS = "pixels"
+# Comparison-table columns: (title, dotted path into eval.json).
+COLUMNS = (
+    ("k-NN", "knn.top1"),
+    ("linear", "linear.top1"),
+    ("1-shot", "lowshot.1"),
+    ("2-shot", "lowshot.2"),
+    ("5-shot", "lowshot.5"),
+    ("1%", "lowshot.1pct"),
+    ("k-means ACC", "cluster.acc"),
+    ("NMI", "cluster.nmi"),
+    ("ARI", "cluster.ari"),
+)
+
+
+@dataclass
+class StageSpec:
+    """One training stage of a pipeline."""
+
+    name: str = ""
+    command: str = "pretrain"
+    recipe: str = ""
+    init: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    """A claim of the papers to check: ``method`` should beat ``baseline`` on ``metrics``."""
+
+    method: str = ""
+    baseline: str = ""
+    metrics: list[str] = field(default_factory=list)
+    claim: str = ""
+
+
+@dataclass
+class PipelineSpec:
+    """A pipeline recipe."""
+
+    description: str = ""
+    out: str = "runs/pipeline"
+    overrides: list[str] = field(default_factory=list)
+    gpu_overrides: list[str] = field(default_factory=list)
+    evaluate: list[str] = field(default_factory=list)
+    eval_overrides: list[str] = field(default_factory=list)
+    gpu_eval_overrides: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Comparison]]:
+    """Read and check a pipeline recipe (``pipelines/NAME`` or a YAML path)."""
+    data = read_recipe(name if "/" in name or name.endswith(".yaml") else f"pipelines/{name}")
+    stages_raw = data.pop("stages", [])
+    comparisons_raw = data.pop("comparisons", [])
+    spec = from_dict(PipelineSpec, data)
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"pipeline {name}: 'stages' must be a non-empty list")
+    stages = [from_dict(StageSpec, s, f"stages[{i}].") for i, s in enumerate(stages_raw)]
+    comparisons = [
+        from_dict(Comparison, c, f"comparisons[{i}].") for i, c in enumerate(comparisons_raw)
+    ]
+    seen: set[str] = set()
+    for i, stage in enumerate(stages):
+        if not stage.name or stage.name == PIXELS or stage.name in seen:
+            raise ConfigError(f"stages[{i}].name must be unique, non-empty and not '{PIXELS}'")
+        if stage.command not in COMMANDS:
+            raise ConfigError(f"stages[{i}].command must be one of {', '.join(COMMANDS)}")
+        if stage.command == "tune" and stage.init not in seen:
+            raise ConfigError(f"stages[{i}].init must name an earlier stage, got '{stage.init}'")
+        seen.add(stage.name)
+    known = seen | {PIXELS}
+    for source in spec.evaluate:
+        if source not in known:
+            raise ConfigError(f"evaluate: unknown source '{source}' (stages: {', '.join(seen)})")
+    for i, c in enumerate(comparisons):
+        if {c.method, c.baseline} - known:
+            raise ConfigError(f"comparisons[{i}] names a source that is not evaluated")
+    return spec, stages, comparisons
+
+
+def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[str]):
+    """The validated run config of one stage, with the pipeline-wide and CLI overrides."""
+    gpu = spec.gpu_overrides if torch.cuda.is_available() else []
+    overrides = [*spec.overrides, *gpu, *stage.overrides, *extra]
+    if stage.command == "tune":
+        overrides.append(f"maect.init={out / stage.init}")
+    return load_config(stage.recipe, overrides)
+
+
+def run_pipeline(
+    name: str, out: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run every stage and evaluation of pipeline ``name``; returns ``results.json``'s content.
+
+    Overrides starting with ``eval.`` go to every evaluation, the others to every stage.
+    """
+    from maect.engine import pretrain
+    from maect.evaluation.command import evaluate, load_eval_config
+    from maect.tuning import tune
+
+    spec, stages, comparisons = load_pipeline(name)
+    out_dir = Path(out or spec.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = overrides or []
+    stage_extra = [o for o in extra if not o.startswith("eval.")]
+    eval_extra = [o[len("eval.") :] for o in extra if o.startswith("eval.")]
+    train_seconds: dict[str, float] = {}
+    for stage in stages:
+        cfg = stage_config(spec, stage, out_dir, stage_extra)  # validate before training
+        print(f"\n=== stage {stage.name}: maect {stage.command} recipe={stage.recipe}", flush=True)
+        started = time.perf_counter()
+        (pretrain if stage.command == "pretrain" else tune)(cfg, out_dir / stage.name)
+        train_seconds[stage.name] = time.perf_counter() - started
+
+    gpu_eval = spec.gpu_eval_overrides if torch.cuda.is_available() else []
+    results: dict[str, Any] = {}
+    for source in spec.evaluate:
+        target = out_dir / source
+        eval_file = target / "eval.json"
+        if not eval_file.is_file():
+            print(f"\n=== evaluate {source}", flush=True)
+            items = [*spec.eval_overrides, *gpu_eval, *eval_extra, "progress=false"]
+            if source == PIXELS:
+                items.append(f"out={target}")
+            cfg = load_eval_config(items)
+            evaluate(PIXELS if source == PIXELS else target, cfg)
+        results[source] = json.loads(eval_file.read_text())
+
+    summary = {
+        "pipeline": name,
+        "description": spec.description,
+        "note": spec.note,
+        "train_seconds": train_seconds,
+        "results": results,
+        "comparisons": [check(c, results) for c in comparisons],
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    table = format_results(summary)
+    (out_dir / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    return summary
+
+
+def metric(result: dict[str, Any], path: str) -> float | None:
+    """A number from ``eval.json`` by dotted path, e.g. ``"knn.top1"``."""
+    node: Any = result
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else None
+
+
+def check(comparison: Comparison, results: dict[str, Any]) -> dict[str, Any]:
+    """Per metric: method value minus baseline value (positive = the papers' direction)."""
+    deltas = {}
+    for name in comparison.metrics:
+        a = metric(results.get(comparison.method, {}), name)
+        b = metric(results.get(comparison.baseline, {}), name)
+        deltas[name] = None if a is None or b is None else a - b
+    holds = all(d is not None and d > 0 for d in deltas.values())
+    return {**comparison.__dict__, "deltas": deltas, "holds": holds}
+
+
+def format_results(summary: dict[str, Any]) -> str:
+    """Markdown table of all evaluated sources, then the checked claims, then the note."""
+    header = "| method | " + " | ".join(title for title, _ in COLUMNS) + " | train min |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for source, result in summary["results"].items():
+        cells = []
+        for _, path in COLUMNS:
+            value = metric(result, path)
+            cells.append("–" if value is None else f"{value:.1f}")
+        seconds = summary["train_seconds"].get(source)
+        cells.append("–" if seconds is None else f"{seconds / 60:.1f}")
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    for c in summary["comparisons"]:
+        deltas = ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:+.1f}'}" for k, v in c["deltas"].items()
+        )
+        verdict = "shows here" if c["holds"] else "does NOT show here at this budget"
+        lines.append(f"\n- {c['method']} vs {c['baseline']} ({c['claim']}): {deltas} — {verdict}")
+    if summary["note"]:
+        lines.append(f"\n{summary['note'].strip()}")
+    return "\n".join(lines)

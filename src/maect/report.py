@@ -1,0 +1,519 @@
+"""``maect report``: one static, self-contained HTML page for a run or a pipeline directory.
+
+A run directory (``config.yaml`` from ``maect pretrain``/``maect tune``, ``eval.json`` and
+``embedding.png`` from ``maect evaluate``) gives a page with a header, the evaluation table, the
+training curves of every ``metrics.csv`` (MAE-CT: ``head/`` and ``tune/``), the first, middle and
+last reconstruction grid, the embedding plots and the resolved config. A directory whose
+subdirectories are run directories (a pipeline) gives the comparison table (``results.json``, or
+the stages' ``eval.json``) followed by one such section per stage.
+
+Images are embedded as data URIs (PNG files as they are, curves as matplotlib SVG), so the page
+needs no server, no network and no JavaScript. Anything missing is shown as "not available".
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maect.config import ConfigError
+from maect.pipeline import COLUMNS
+
+REPORT_NAME = "report.html"
+# Stage folders of a ``maect tune`` run, each with its own metrics.csv.
+TUNE_STAGES = (("head", "stage 2: NNCLR head"), ("tune", "stage 3: contrastive tuning"))
+# eval.json sections shown in the metrics table, in this order; others follow, "config" is shown
+# with the configs and "created" in the header.
+EVAL_SECTIONS = ("knn", "linear", "lowshot", "cluster", "features", "timing")
+# (column title, dotted eval.json key) of the pipeline comparison table.
+RECON_PATTERN = re.compile(r"epoch_(\d+)\.png$")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+Points = list[tuple[float, float]]
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1280px; padding: 1em 2em;
+  color: #1d1d1f; background: #fff; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; }
+h3 { margin-top: 1.4em; } .meta { color: #555; margin: 0 0 1em; }
+.meta span { margin-right: 1.5em; } .na { color: #888; font-style: italic; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }
+th { background: #f2f2f4; } td.num { text-align: right; }
+figure { margin: 0.5em 0 1em; } figcaption { color: #555; font-size: 0.9em; }
+img { max-width: 100%; height: auto; } img.pixels { image-rendering: pixelated; min-width: 50%; }
+.row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+.row figure { flex: 1 1 360px; max-width: 640px; }
+pre { background: #f6f6f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }
+details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: 600; }
+nav a { margin-right: 1em; }
+"""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, read leniently: unreadable files count as missing."""
+
+    path: Path
+    config_text: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    eval_result: dict[str, Any] | None = None
+    eval_error: str | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "–"))
+
+    @property
+    def recipe(self) -> str:
+        return str(self.config.get("recipe", "–"))
+
+
+def read_run(path: Path) -> RunFiles:
+    """Read ``config.yaml`` and ``eval.json`` of ``path`` when present and parseable."""
+    run = RunFiles(path)
+    config_file = path / "config.yaml"
+    if config_file.is_file():
+        run.config_text = config_file.read_text(errors="replace")
+        try:
+            loaded = yaml.safe_load(run.config_text)
+        except yaml.YAMLError:
+            loaded = None
+        run.config = loaded if isinstance(loaded, dict) else {}
+    eval_file = path / "eval.json"
+    if eval_file.is_file():
+        try:
+            loaded = json.loads(eval_file.read_text(errors="replace"))
+        except json.JSONDecodeError as err:
+            run.eval_error = f"eval.json is not valid JSON ({err})"
+        else:
+            if isinstance(loaded, dict):
+                run.eval_result = loaded
+            else:
+                run.eval_error = "eval.json does not hold an object"
+    return run
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run (``config.yaml``) or an evaluation (``eval.json``)."""
+    return (path / "config.yaml").is_file() or (path / "eval.json").is_file()
+
+
+def find_stages(root: Path) -> list[Path]:
+    """The run directories directly under ``root``: the stages of a pipeline, sorted by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_run_dir(p))
+
+
+def number(cell: str | None) -> float | None:
+    """``cell`` as a finite float, or ``None`` for empty, non-numeric and non-finite cells."""
+    if not cell:
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(path: Path) -> dict[str, Points]:
+    """The columns of a Lightning ``metrics.csv`` as ``(step, value)`` points; empty cells (a
+    metric not logged in that row) are skipped. Rows without a step use their row index."""
+    series: dict[str, Points] = {}
+    with path.open(newline="", errors="replace") as f:
+        for index, row in enumerate(csv.DictReader(f)):
+            step = number(row.get("step"))
+            x = float(index) if step is None else step
+            for key, cell in row.items():
+                if key is None or key in ("step", "epoch") or not isinstance(cell, str):
+                    continue
+                value = number(cell)
+                if value is not None:
+                    series.setdefault(key, []).append((x, value))
+    return series
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def curve_panels(series: dict[str, Points]) -> list[tuple[str, dict[str, Points]]]:
+    """Group metric columns into plot panels ``(title, {legend label: points})``.
+
+    One panel per ``train/<term>`` (its ``_step`` and ``_epoch`` columns together), then the
+    NN accuracy, learning rate, throughput and every ``monitor/*`` metric (online k-NN).
+    """
+    terms: dict[str, dict[str, Points]] = {}
+    for key, points in series.items():
+        if not key.startswith("train/") or key == "train/lr":
+            continue
+        name = key.removeprefix("train/")
+        label = "per step"
+        for suffix, suffix_label in (("_step", "per step"), ("_epoch", "epoch mean")):
+            if name.endswith(suffix):
+                name, label = name.removesuffix(suffix), suffix_label
+        terms.setdefault(name, {})[label] = points
+    order = sorted(terms, key=lambda n: (n != "loss", n == "nn_acc", n))
+    titles = {"loss": "loss (total)", "nn_acc": "NN accuracy (train/nn_acc)"}
+    panels = [(titles.get(n, f"loss term: {n}"), terms[n]) for n in order]
+    for key, title in (("train/lr", "learning rate"), ("img_per_s", "images / s")):
+        if key in series:
+            panels.append((title, {key: series[key]}))
+    for key in sorted(k for k in series if k.startswith("monitor/")):
+        title = "online k-NN top-1 (%)" if key == "monitor/knn_top1" else key
+        panels.append((title, {key: series[key]}))
+    return panels
+
+
+def curves_svg(panels: list[tuple[str, dict[str, Points]]]) -> bytes:
+    """The panels as one SVG figure, three per row (matplotlib, no global backend state)."""
+    from matplotlib.figure import Figure
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.2 * cols, 2.8 * rows), layout="constrained")
+    for i, (title, lines) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for label, points in lines.items():
+            xs, ys = zip(*points, strict=True)
+            sparse = len(points) <= 30 or label == "epoch mean"
+            ax.plot(xs, ys, label=label, marker="o" if sparse else None, markersize=3, lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- html pieces
+
+
+def not_available(what: str) -> str:
+    return f'<p class="na">{escape(what)}: not available</p>'
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def figure(data: bytes, mime: str, caption: str, pixels: bool = False) -> str:
+    """An ``<img>`` with its data embedded, and a caption."""
+    css = ' class="pixels"' if pixels else ""
+    return (
+        f'<figure><img{css} src="{data_uri(data, mime)}" alt="{escape(caption)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
+def png_figure(path: Path, caption: str, pixels: bool = False) -> str:
+    """A PNG file as a figure, or "not available" when it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return not_available(caption)
+    return figure(data, "image/png", caption, pixels)
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats with 2 decimals (percentages, seconds) unless tiny or huge."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e6:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def table(header: list[str], rows: list[list[Any]], numeric_from: int = 1) -> str:
+    """An HTML table; cells from column ``numeric_from`` on that hold numbers align right."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, value in enumerate(row):
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            css = ' class="num"' if i >= numeric_from and numeric else ""
+            cells.append(f"<td{css}>{escape(format_value(value))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def metrics_table(run: RunFiles) -> str:
+    """The flattened ``eval.json``: one row per (section, metric)."""
+    if run.eval_result is None:
+        return not_available(run.eval_error or "evaluation (eval.json; run maect evaluate)")
+    result = run.eval_result
+    sections = [s for s in EVAL_SECTIONS if s in result]
+    sections += [s for s in result if s not in sections and s not in ("config", "created")]
+    rows = []
+    for section in sections:
+        for i, (metric, value) in enumerate(flatten(result[section]).items()):
+            rows.append([section if i == 0 else "", metric, value])
+    if not rows:
+        return not_available("evaluation results (eval.json is empty)")
+    return table(["section", "metric", "value"], rows, numeric_from=2)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when missing, invalid or not an object."""
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def comparison_section(summary: dict[str, Any], stages: list[RunFiles]) -> str:
+    """The pipeline's comparison: the headline numbers of every evaluated source (from the
+    ``results.json`` content ``summary``, else from the stages' ``eval.json``), its checked
+    claims and its note."""
+    results = summary.get("results")
+    source = "results.json"
+    if not isinstance(results, dict) or not results:
+        source = "the eval.json of each stage"
+        results = {run.path.name: run.eval_result for run in stages if run.eval_result}
+    methods = {run.path.name: run.method for run in stages}
+    seconds = summary.get("train_seconds") or {}
+    header = ["source", "method", *(title for title, _ in COLUMNS), "train min"]
+    rows = []
+    for name, result in results.items():
+        flat = flatten(result) if isinstance(result, dict) else {}
+        minutes = seconds.get(name) if isinstance(seconds, dict) else None
+        rows.append(
+            [
+                name,
+                methods.get(name, "–"),
+                *(flat.get(key) for _, key in COLUMNS),
+                minutes / 60 if isinstance(minutes, int | float) else None,
+            ]
+        )
+    parts = [f'<p class="meta">from {escape(source)}</p>']
+    if summary.get("description"):
+        parts.append(f"<p>{escape(str(summary['description']))}</p>")
+    parts.append(table(header, rows, numeric_from=2) if rows else not_available("evaluations"))
+    claims = [c for c in summary.get("comparisons") or [] if isinstance(c, dict)]
+    if claims:
+        claim_rows = [
+            [
+                c.get("method"),
+                c.get("baseline"),
+                c.get("claim"),
+                ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("deltas") or {}).items()),
+                "yes" if c.get("holds") else "no",
+            ]
+            for c in claims
+        ]
+        parts.append("<h3>Claims</h3>")
+        header = ["method", "baseline", "claim", "difference", "holds here"]
+        parts.append(table(header, claim_rows))
+    if summary.get("note"):
+        parts.append(f"<p>{escape(str(summary['note']))}</p>")
+    return "".join(parts)
+
+
+def curves_section(run: RunFiles) -> str:
+    """Training curves of the run's ``metrics.csv`` files (MAE-CT: one per stage folder)."""
+    sources = [(run.path / "metrics.csv", "training")]
+    sources += [(run.path / name / "metrics.csv", label) for name, label in TUNE_STAGES]
+    present = [(path, label) for path, label in sources if path.is_file()]
+    if not present:
+        return not_available("training curves (metrics.csv)")
+    parts = []
+    for path, label in present:
+        caption = f"{label} ({path.relative_to(run.path)})"
+        try:
+            panels = curve_panels(read_metrics(path))
+        except (OSError, csv.Error) as err:
+            parts.append(not_available(f"{caption}, unreadable: {err}"))
+            continue
+        if panels:
+            parts.append(figure(curves_svg(panels), "image/svg+xml", caption))
+        else:
+            parts.append(not_available(f"{caption}, no metrics logged yet"))
+    return "".join(parts)
+
+
+def reconstructions_section(run: RunFiles) -> str:
+    """The first, middle and last reconstruction grid."""
+    if run.method == "maect":
+        return not_available("reconstruction grids (MAE-CT trains no decoder)")
+    grids = sorted(
+        (int(m.group(1)), p)
+        for p in (run.path / "reconstructions").glob("epoch_*.png")
+        if (m := RECON_PATTERN.search(p.name))
+    )
+    if not grids:
+        return not_available("reconstruction grids (reconstructions/epoch_*.png)")
+    picks = sorted({0, len(grids) // 2, len(grids) - 1})
+    return "".join(png_figure(grids[i][1], f"epoch {grids[i][0]}", pixels=True) for i in picks)
+
+
+def init_run_dir(run: RunFiles) -> Path | None:
+    """The run directory named by ``maect.init`` (the directory, its ``encoder.pt`` or one of its
+    checkpoints), as given or as a sibling of this run (a pipeline stage), when it exists."""
+    init = (run.config.get("maect") or {}).get("init") if run.method == "maect" else None
+    if not isinstance(init, str) or not init:
+        return None
+    given = Path(init)
+    if given.suffix in CHECKPOINT_SUFFIXES:
+        given = given.parent.parent if given.parent.name == "checkpoints" else given.parent
+    for folder in (given, run.path.parent / given.name):
+        if folder.is_dir() and is_run_dir(folder) and folder.resolve() != run.path.resolve():
+            return folder
+    return None
+
+
+def embeddings_section(run: RunFiles) -> str:
+    """``embedding.png``; for MAE-CT beside the embedding of its MAE init (before tuning)."""
+    own = run.path / "embedding.png"
+    if run.method != "maect":
+        if not own.is_file():
+            return not_available("embedding plot (embedding.png; run maect evaluate)")
+        return f'<div class="row">{png_figure(own, f"t-SNE of {run.path.name}")}</div>'
+    init = init_run_dir(run)
+    before = init / "embedding.png" if init else None
+    parts = [
+        png_figure(before, f"before contrastive tuning: {before.parent.name} (maect.init)")
+        if before and before.is_file()
+        else not_available("embedding before contrastive tuning (embedding.png of maect.init)"),
+        png_figure(own, f"after contrastive tuning: {run.path.name}")
+        if own.is_file()
+        else not_available("embedding after contrastive tuning (embedding.png)"),
+    ]
+    return f'<div class="row">{"".join(parts)}</div>'
+
+
+def config_section(run: RunFiles) -> str:
+    """The resolved run config and the evaluation config, collapsed."""
+    parts = []
+    if run.config_text is not None:
+        parts.append(
+            f"<details><summary>config.yaml</summary><pre>{escape(run.config_text)}</pre></details>"
+        )
+    eval_config = (run.eval_result or {}).get("config")
+    if eval_config:
+        text = yaml.safe_dump(eval_config, sort_keys=False)
+        parts.append(
+            f"<details><summary>evaluation config (eval.json)</summary>"
+            f"<pre>{escape(text)}</pre></details>"
+        )
+    return "".join(parts) or not_available("config (config.yaml)")
+
+
+def modified(path: Path) -> str | None:
+    """The modification time of ``path`` (UTC, minutes), when it exists."""
+    if not path.exists():
+        return None
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+    return stamp.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_meta(run: RunFiles) -> str:
+    """Method, recipe, dataset and dates of a run as one line."""
+    data = run.config.get("data") or {}
+    items = [
+        ("method", run.method),
+        ("recipe", run.recipe),
+        ("data", data.get("name", "–") if isinstance(data, dict) else "–"),
+        ("started", modified(run.path / "config.yaml") or "–"),
+        ("evaluated", (run.eval_result or {}).get("created") or "not yet"),
+    ]
+    spans = "".join(f"<span><b>{escape(k)}</b> {escape(str(v))}</span>" for k, v in items)
+    return f'<p class="meta">{spans}</p>'
+
+
+def run_body(run: RunFiles, level: int) -> str:
+    """The sections of one run; headings start at ``<h{level}>``."""
+    h = f"h{level}"
+    sections = [
+        ("Metrics", metrics_table(run)),
+        ("Training curves", curves_section(run)),
+        ("Reconstructions", reconstructions_section(run)),
+        ("Embeddings", embeddings_section(run)),
+        ("Config", config_section(run)),
+    ]
+    return "".join(f"<{h}>{title}</{h}>{body}" for title, body in sections)
+
+
+def anchor(name: str) -> str:
+    return "stage-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def page(title: str, body: str) -> str:
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{body}"
+        f'<p class="meta">generated by maect report, {generated}</p></body></html>\n'
+    )
+
+
+def render(root: Path) -> str:
+    """The HTML of the report for ``root`` (a run or a pipeline directory)."""
+    stages = [] if (root / "config.yaml").is_file() else find_stages(root)
+    if not stages:
+        run = read_run(root)
+        return page(
+            f"maect report: {root.name}",
+            f"<h1>{escape(root.name)}</h1>{run_meta(run)}{run_body(run, 2)}",
+        )
+    runs = [read_run(p) for p in stages]
+    summary = read_json(root / "results.json")
+    nav = "".join(f'<a href="#{anchor(r.path.name)}">{escape(r.path.name)}</a>' for r in runs)
+    parts = [
+        f"<h1>{escape(root.name)}</h1>",
+        f'<p class="meta"><span><b>pipeline</b> {escape(str(summary.get("pipeline", "–")))}'
+        f"</span><span><b>stages</b> {len(runs)}</span></p>",
+        f"<nav>{nav}</nav>",
+        f"<h2>Comparison</h2>{comparison_section(summary, runs)}",
+    ]
+    for run in runs:
+        parts.append(
+            f'<h2 id="{anchor(run.path.name)}">Stage {escape(run.path.name)}</h2>'
+            f"{run_meta(run)}{run_body(run, 3)}"
+        )
+    return page(f"maect report: {root.name}", "".join(parts))
+
+
+def write_report(path: str | Path) -> Path:
+    """Write ``<path>/report.html`` for a run or pipeline directory and return its path.
+
+    Raises:
+        ConfigError: ``path`` is not a directory, or holds neither a run nor pipeline stages.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"not a directory: {root}")
+    if not (is_run_dir(root) or (root / "metrics.csv").is_file() or find_stages(root)):
+        raise ConfigError(f"{root} holds no run (config.yaml, eval.json, metrics.csv) or stages")
+    out = root / REPORT_NAME
+    out.write_text(render(root), encoding="utf-8")
+    return out

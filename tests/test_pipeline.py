@@ -1,0 +1,103 @@
+"""`maect run`: stages chained through run directories, evaluation, comparison table, skipping."""
+
+import json
+
+import pytest
+import yaml
+
+from maect.config import ConfigError
+from maect.pipeline import load_pipeline, run_pipeline
+from tests.conftest import TINY_OVERRIDES
+from tests.test_maect import MAECT_TINY
+
+
+def _write(tmp_path, **changes):
+    spec = {
+        "description": "tiny",
+        "overrides": ["trainer.epochs=1", "trainer.recon_every=1"],
+        "stages": [
+            {
+                "name": "mae",
+                "command": "pretrain",
+                "recipe": "mae/fmnist_vit_t",
+                "overrides": TINY_OVERRIDES,
+            },
+            {
+                "name": "ct",
+                "command": "tune",
+                "recipe": "maect/fmnist_vit_t",
+                "init": "mae",
+                "overrides": MAECT_TINY,
+            },
+        ],
+        "evaluate": ["pixels", "mae", "ct"],
+        "eval_overrides": [
+            "data.name=synthetic",
+            "protocols=[knn,cluster]",
+            "plot=false",
+            "device=cpu",
+        ],
+        "comparisons": [
+            {"method": "ct", "baseline": "mae", "metrics": ["knn.top1"], "claim": "tuning helps"}
+        ],
+        "note": "tiny synthetic pipeline",
+    }
+    spec.update(changes)
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_pipeline_runs_chains_and_skips(tmp_path, capsys):
+    recipe = _write(tmp_path)
+    out = tmp_path / "out"
+    summary = run_pipeline(recipe, str(out))
+    for name in (
+        "mae/encoder.pt",
+        "ct/encoder.pt",
+        "ct/head/head.pt",
+        "mae/eval.json",
+        "ct/eval.json",
+        "pixels/eval.json",
+        "results.json",
+        "results.md",
+    ):
+        assert (out / name).is_file(), name
+    ct_config = yaml.safe_load((out / "ct" / "config.yaml").read_text())
+    assert ct_config["maect"]["init"] == str(out / "mae")
+    assert set(summary["results"]) == {"pixels", "mae", "ct"}
+    delta = summary["comparisons"][0]["deltas"]["knn.top1"]
+    expected = summary["results"]["ct"]["knn"]["top1"] - summary["results"]["mae"]["knn"]["top1"]
+    assert delta == pytest.approx(expected)
+    table = (out / "results.md").read_text()
+    assert "| mae |" in table and "| ct |" in table and "tiny synthetic pipeline" in table
+    assert json.loads((out / "results.json").read_text())["pipeline"] == recipe
+
+    mtime = (out / "mae" / "encoder.pt").stat().st_mtime
+    capsys.readouterr()
+    run_pipeline(recipe, str(out))  # everything exists: nothing is retrained or re-evaluated
+    assert (out / "mae" / "encoder.pt").stat().st_mtime == mtime
+    assert "=== evaluate" not in capsys.readouterr().out
+
+
+def test_pipeline_recipe_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[1\].init must name an earlier stage"):
+        load_pipeline(
+            _write(
+                tmp_path,
+                stages=[
+                    {"name": "a", "recipe": "mae/fmnist_vit_t"},
+                    {"name": "b", "command": "tune", "recipe": "maect/fmnist_vit_t", "init": "zzz"},
+                ],
+            )
+        )
+    with pytest.raises(ConfigError, match="unknown key 'stages\\[0\\].recipee'"):
+        load_pipeline(_write(tmp_path, stages=[{"name": "a", "recipee": "x"}]))
+    with pytest.raises(ConfigError, match="evaluate: unknown source 'nope'"):
+        load_pipeline(_write(tmp_path, evaluate=["nope"]))
+
+
+def test_shipped_pipelines_resolve():
+    for name in ("demo_fmnist", "reproduce_fmnist"):
+        spec, stages, _ = load_pipeline(name)
+        assert stages and spec.evaluate[0] == "pixels"
