@@ -1,0 +1,762 @@
+"""Training-step throughput and memory of MAE, MAE-CT stage 3 and CAN against peers.
+
+Every case is a full optimizer step on a synthetic batch: forward, backward, AdamW over the
+method's ``param_groups()`` and the method's ``optimizer_step`` extras (MAE-CT's EMA updates).
+maect's cases build AdamW as ``configure_optimizers`` does (fused on CUDA, PyTorch's default
+elsewhere); the peers use PyTorch's default AdamW (foreach on CUDA, a per-tensor loop on CPU).
+bf16 autocast on CUDA, float32 on CPU (``--precision``). Cases take turns within each timing round
+in one process; the figure is the median over rounds after warm-up. On CUDA a round runs
+``--inner`` steps and synchronises once, so no step synchronises with the host.
+
+Cases and their peers (ratio = our images/s over the peer's):
+
+- ``mae`` vs ``lightly``: the same ViT and decoder assembled from lightly's
+  ``MaskedVisionTransformerTIMM`` + ``MaskedVisionTransformerDecoderTIMM`` the way lightly's MAE
+  is built (keep/mask indices, mask tokens scattered in, prediction at the masked tokens only),
+  with the same normalised-pixel loss and optimizer.
+- ``maect`` (``ContrastiveTuning``) vs ``maect_eager``: the straightforward implementation, each
+  view through the encoder on its own and the frozen blocks left out of the optimizer only (autograd
+  runs through them).
+- ``can`` vs ``can_eager``: each view through encoder and decoder on its own.
+- ``simclr`` (CAN's configuration without masking, noise and decoder) is the FLOPs reference of
+  ``can``; ``maect_head`` is MAE-CT stage 2 (NNCLR head on the frozen encoder).
+
+Peak memory: on CUDA ``max_memory_allocated`` during one step, less what other cases hold; on CPU
+(no allocator statistics) parameters, gradients and AdamW state plus the tensors saved for backward.
+FLOPs: ``FlopCounterMode`` over one forward + backward (matrix products and attention). On CUDA,
+MFU = model FLOPs/s over the measured dense bf16 matmul rate of the device.
+
+``--candidates`` measures single optimisations one against the other (fused AdamW, SDPA,
+bf16 autocast, views in one batch, frozen blocks without autograd, ``--compile``: torch.compile);
+``--scale`` sweeps batch, image size and width for MAE and fits lines (``docs/performance.md``).
+``--append`` adds the rows to ``docs/benchmarks.md``. The last line is a summary::
+
+    summary mae_vs_peer=<images/s ratio> maect_vs_mae_step=<step time ratio> \
+can_vs_simclr_flops=<FLOPs ratio>
+
+Usage::
+
+    python benchmarks/train_step.py --model vit_t_fmnist --batch 128 [--candidates] [--append]
+    python benchmarks/train_step.py --model vit_b16 --batch 8 --cases mae,lightly
+    python benchmarks/train_step.py --model vit_l16 --batch 2 --flops-only
+    python benchmarks/train_step.py --model vit_t_fmnist --batch 64 --scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import date
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import (
+    append_rows,
+    command_line,
+    device_name,
+    git_commit,
+    load_average,
+    step_times,
+    synchronize,
+    training_flops,
+)
+from can_cost import MODELS
+from lightly.models import utils as lightly_utils
+from lightly.models.modules import (
+    MaskedVisionTransformerDecoderTIMM,
+    MaskedVisionTransformerTIMM,
+)
+from PIL import Image
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from maect.config import RunConfig, load_config
+from maect.data.datasets import (
+    DataNotFoundError,
+    ImageFolderDataset,
+    load_fashion_mnist,
+    make_synthetic,
+)
+from maect.methods import CAN, MAE, PretrainMethod
+from maect.methods.base import arch_from_config
+from maect.methods.can import CANOutput
+from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.methods.schedule import decay_groups
+from maect.models.vit import build_encoder
+
+CASES = ("mae", "lightly", "maect", "maect_eager", "can", "can_eager", "simclr", "maect_head")
+DEFAULT_CASES = "mae,lightly,maect,maect_eager,can,can_eager,simclr"
+PEERS = {"mae": "lightly", "maect": "maect_eager", "can": "can_eager"}
+SECTION = "### Training step: maect vs peers (`benchmarks/train_step.py`)"
+SCALE_SECTION = "### Training-step scaling of MAE (`benchmarks/train_step.py --scale`)"
+HEADER = (
+    "| date | commit | machine | load | torch | model | batch | precision | case | images/s "
+    "| ms/step | GFLOPs/step | peak MiB | vs | ratio | MFU | args |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+LR = 1e-4
+Group = Callable[[], tuple[list["Bench"], list[tuple[str, str]]]]
+
+
+# --------------------------------------------------------------------------- peers
+
+
+class LightlyMAE(nn.Module):
+    """Peer of ``mae``: lightly's masked ViT and decoder around a timm ViT of the same
+    architecture, wired as lightly's MAE: index masks, mask tokens scattered in at the masked
+    positions, prediction head on the masked tokens only, per-patch normalised pixel MSE."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        m = cfg.model
+        vit = VisionTransformer(
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            in_chans=m.in_chans,
+            num_classes=0,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
+            qkv_bias=True,
+            class_token=True,
+            global_pool="token",
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.encoder = MaskedVisionTransformerTIMM(vit=vit)
+        self.decoder_embed = nn.Linear(m.embed_dim, m.decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches,
+            embed_dim=m.decoder_dim,
+            depth=m.decoder_depth,
+            num_heads=m.decoder_heads,
+            mlp_ratio=m.mlp_ratio,
+        )
+        self.prediction_head = nn.Linear(m.decoder_dim, m.patch_size**2 * m.in_chans)
+        self.patch_size = m.patch_size
+        self.mask_ratio = cfg.mae.mask_ratio
+        self.weight_decay = cfg.optim.weight_decay
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        size = (images.shape[0], self.encoder.sequence_length)
+        keep, masked = lightly_utils.random_token_mask(size, self.mask_ratio, device=images.device)
+        encoded = self.decoder_embed(self.encoder.encode(images, idx_keep=keep))
+        tokens = lightly_utils.repeat_token(self.decoder.mask_token, size)
+        tokens = lightly_utils.set_at_index(tokens, keep, encoded.type_as(tokens))
+        pred = self.prediction_head(lightly_utils.get_at_index(self.decoder(tokens), masked))
+        patches = lightly_utils.patchify(images, self.patch_size)
+        target = lightly_utils.normalize_mean_var(lightly_utils.get_at_index(patches, masked - 1))
+        return {"loss": F.mse_loss(pred.float(), target)}
+
+    def param_groups(self) -> list[dict]:
+        return decay_groups(self.named_parameters(), self.weight_decay)
+
+
+class EagerContrastiveTuning(ContrastiveTuning):
+    """MAE-CT stage 3 without its optimisations: ``two_pass`` sends each view through the encoder
+    on its own; ``grad_through_frozen`` keeps the frozen blocks out of the optimizer only, so
+    autograd records and back-propagates through them."""
+
+    def __init__(
+        self, cfg: RunConfig, two_pass: bool = True, grad_through_frozen: bool = True
+    ) -> None:
+        super().__init__(cfg, build_encoder(arch_from_config(cfg)))
+        self.two_pass = two_pass
+        self.grad_through_frozen = grad_through_frozen
+        self.trainable_groups = super().param_groups()
+        if grad_through_frozen:
+            for module in self.frozen_modules():
+                module.requires_grad_(True)
+
+    def param_groups(self) -> list[dict]:
+        return self.trainable_groups
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        views = images.chunk(2) if self.two_pass else (images,)
+        if self.grad_through_frozen:
+            return torch.cat([self.encoder.forward_features(v) for v in views])
+        return torch.cat([ContrastiveTuning.encode(self, v) for v in views])
+
+
+class EagerCAN(CAN):
+    """CAN with each view through noise, encoder and decoder on its own."""
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> CANOutput:
+        return concat_outputs([CAN.forward(self, v, generator) for v in images.chunk(2)])
+
+
+def concat_outputs(parts: list[Any]) -> Any:
+    """Concatenate tensors, or dataclasses of tensors (recursively), along dim 0."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    fields = dataclasses.fields(first)
+    return type(first)(
+        **{f.name: concat_outputs([getattr(p, f.name) for p in parts]) for f in fields}
+    )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def method_configs(model: str, batch: int, overrides: list[str]) -> dict[str, RunConfig]:
+    """MAE, MAE-CT, CAN and SimCLR configurations of ``model`` with ``overrides``; the MAE-CT
+    queue is rounded down to a multiple of ``batch`` (it must divide by the batch)."""
+    suffix, simclr_recipe = MODELS[model]
+    mae = load_config(f"mae/{suffix}", overrides)
+    queue = load_config(f"maect/{suffix}", overrides).maect.queue_size
+    queue_size = [f"maect.queue_size={batch * max(1, queue // batch)}"]
+    same_model = [f"model.{k}={v}" for k, v in dataclasses.asdict(mae.model).items()]
+    return {
+        "mae": mae,
+        "maect": load_config(f"maect/{suffix}", overrides + queue_size),
+        "can": load_config(f"can/{suffix}", overrides),
+        "simclr": load_config(simclr_recipe, overrides + same_model),
+    }
+
+
+def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
+    """The module of case ``name`` (seeded, so repeated builds are identical)."""
+    torch.manual_seed(0)
+    if name == "mae":
+        return MAE(configs["mae"])
+    if name == "lightly":
+        return LightlyMAE(configs["mae"])
+    if name == "maect":
+        cfg = configs["maect"]
+        return ContrastiveTuning(cfg, build_encoder(arch_from_config(cfg)))
+    if name == "maect_eager":
+        return EagerContrastiveTuning(configs["maect"])
+    if name == "maect_head":
+        cfg = configs["maect"]
+        return NNCLRHeadTraining(cfg, build_encoder(arch_from_config(cfg)))
+    if name == "can":
+        return CAN(configs["can"])
+    if name == "can_eager":
+        return EagerCAN(configs["can"])
+    if name == "simclr":
+        return CAN(configs["simclr"])
+    raise ValueError(f"unknown case {name}")
+
+
+def views_of(name: str) -> int:
+    """Views per image of case ``name``."""
+    return 1 if name in ("mae", "lightly") else 2
+
+
+def synthetic_batch(cfg: RunConfig, views: int, batch: int, device: torch.device) -> dict:
+    """Random normalised images (a list of ``views`` tensors when 2), labels and sample ids."""
+    m = cfg.model
+    images = torch.randn(views, batch, m.in_chans, m.img_size, m.img_size, device=device)
+    return {
+        "image": list(images) if views == 2 else images[0],
+        "label": torch.randint(10, (batch,), device=device),
+        "index": torch.arange(batch, device=device),
+    }
+
+
+@dataclasses.dataclass
+class Bench:
+    """A case ready to run: its module, batch, optimizer and step function."""
+
+    name: str
+    model: str
+    module: nn.Module
+    batch: dict
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], None]
+
+
+def make_bench(
+    name: str,
+    configs: dict[str, RunConfig],
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    adamw: str,
+    compile_loss: bool = False,
+    sdpa: bool = True,
+    module: nn.Module | None = None,
+    label: str | None = None,
+) -> Bench:
+    """Case ``name`` (or ``module``, built for it) as a training step under ``label``, with AdamW
+    ``adamw`` (``fused``, ``foreach``, ``loop`` or PyTorch's ``default``), optionally with the
+    loss under torch.compile or timm attention without SDPA."""
+    cfg = configs["mae" if name == "lightly" else name.split("_")[0]]
+    module = (module or build_case(name, configs)).to(device).train()
+    if not sdpa:
+        for attention in module.modules():
+            if isinstance(attention, Attention):
+                attention.fused_attn = False
+    batch = synthetic_batch(cfg, views_of(name), batch_size, device)
+    groups = [{**g, "lr": LR * g.get("lr_scale", 1.0)} for g in module.param_groups()]
+    flags = {} if adamw == "default" else {"fused": adamw == "fused", "foreach": adamw == "foreach"}
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), **flags)
+    loss_fn = torch.compile(module.compute_losses) if compile_loss else module.compute_losses
+
+    def closure() -> torch.Tensor:
+        module.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = loss_fn(batch)["loss"]
+        loss.backward()
+        return loss
+
+    def step() -> None:
+        if isinstance(module, PretrainMethod):
+            module.optimizer_step(0, 0, optimizer, closure)
+        else:
+            optimizer.step(closure)
+
+    return Bench(label or name, model_label(cfg), module, batch, optimizer, step)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _persistent(bench: Bench) -> Iterator[torch.Tensor]:
+    """Tensors a case holds for its whole life: parameters, buffers, optimizer state."""
+    yield from bench.module.parameters()
+    yield from bench.module.buffers()
+    for state in bench.optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _grads(bench: Bench) -> Iterator[torch.Tensor]:
+    return (p.grad for p in bench.module.parameters() if p.grad is not None)
+
+
+def _storage_bytes(tensors: Iterator[torch.Tensor]) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def peak_bytes(bench: Bench, device: torch.device) -> int:
+    """Peak memory of one step (see the module docstring for CPU vs CUDA)."""
+    persistent = _storage_bytes(_persistent(bench))
+    if device.type == "cuda":
+        synchronize(device)
+        own = sum(persistent.values()) + sum(_storage_bytes(_grads(bench)).values())
+        others = torch.cuda.memory_allocated(device) - own
+        torch.cuda.reset_peak_memory_stats(device)
+        bench.step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - others
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in persistent:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bench.step()
+    grads = _storage_bytes(_grads(bench))
+    return sum(persistent.values()) + sum(grads.values()) + sum(saved.values())
+
+
+def matmul_peak_flops(device: torch.device, size: int = 8192, repeats: int = 20) -> float:
+    """Measured dense bf16 matmul FLOP/s of ``device`` (median of ``repeats``)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    times = step_times({"mm": lambda: a @ b}, rounds=repeats, warmup=3, device=device, inner=5)
+    return 2 * size**3 / statistics.median(times["mm"])
+
+
+@dataclasses.dataclass
+class Result:
+    """Measured figures of one case."""
+
+    name: str
+    model: str
+    batch: int
+    seconds: float  # median seconds per step; NaN when not timed
+    flops: int  # per step
+    peak: int  # bytes; 0 when not measured
+    vs: str = ""
+    ratio: float = math.nan  # the peer's step time over this one's
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds
+
+
+def measure(
+    benches: list[Bench], device: torch.device, args: argparse.Namespace, timed: bool = True
+) -> dict[str, Result]:
+    """FLOPs, and unless ``timed`` is False peak memory and median step time (interleaved)."""
+    flops = {b.name: training_flops(b.module, b.batch) for b in benches}
+    steps = {b.name: b.step for b in benches}
+    times = step_times(steps, args.rounds, args.warmup, device, args.inner) if timed else {}
+    return {
+        b.name: Result(
+            b.name,
+            b.model,
+            len(b.batch["label"]),
+            statistics.median(times[b.name]) if timed else math.nan,
+            flops[b.name],
+            peak_bytes(b, device) if timed else 0,
+        )
+        for b in benches
+    }
+
+
+def compare(results: dict[str, Result], candidate: str, baseline: str) -> None:
+    """Mark ``candidate`` with its speed-up over ``baseline``."""
+    results[candidate].vs = baseline
+    results[candidate].ratio = results[baseline].seconds / results[candidate].seconds
+
+
+def data_rate(cfg: RunConfig, module: PretrainMethod, threads: int, seconds: float = 3.0) -> float:
+    """Samples/s of reading + the method's training transform with ``threads`` torch threads
+    (a DataLoader worker runs with 1; ``num_workers=0`` transforms in the training process with
+    all of them). Fashion-MNIST from memory; ``imagefolder``: a 500x375 JPEG decoded by PIL,
+    ImageNet's typical image."""
+    transform = module.train_transform()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg.data.name == "imagefolder":
+                folder = Path(tmp) / "class"
+                folder.mkdir()
+                gradient = torch.linspace(0, 255, 500).expand(375, 500)
+                noise = torch.randint(0, 40, (375, 500, 3))
+                pixels = (gradient[..., None] + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / "image.jpg", quality=90)
+                dataset = ImageFolderDataset(Path(tmp), transform=transform)
+            else:
+                try:
+                    dataset = load_fashion_mnist(cfg.data.root, train=True, download=False)
+                except DataNotFoundError:
+                    dataset = make_synthetic(1000, train=True)
+                dataset.transform = transform
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                dataset[count % len(dataset)]
+                count += 1
+            return count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def model_label(cfg: RunConfig) -> str:
+    m = cfg.model
+    return (
+        f"ViT {m.embed_dim}x{m.depth} p{m.patch_size} {m.img_size}px "
+        f"(dec {m.decoder_dim}x{m.decoder_depth})"
+    )
+
+
+COLUMNS = ("case", "images/s", "ms/step", "GFLOPs/step", "peak MiB", "vs", "ratio", "MFU")
+
+
+def cells(r: Result, peak_rate: float | None) -> list[str]:
+    """The :data:`COLUMNS` of one result."""
+    timed = not math.isnan(r.seconds)
+    return [
+        r.name,
+        f"{r.images_per_s:.1f}" if timed else "-",
+        f"{1000 * r.seconds:.1f}" if timed else "-",
+        f"{r.flops / 1e9:.2f}",
+        f"{r.peak / 2**20:.0f}" if r.peak else "-",
+        r.vs or "-",
+        f"{r.ratio:.2f}" if not math.isnan(r.ratio) else "-",
+        f"{r.flops / r.seconds / peak_rate:.1%}" if peak_rate and timed else "-",
+    ]
+
+
+def print_table(results: list[Result], peak_rate: float | None) -> None:
+    rows = [list(COLUMNS), *(cells(r, peak_rate) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def log_rows(results: list[Result], peak_rate: float | None, args: argparse.Namespace) -> list[str]:
+    """Rows of the ``docs/benchmarks.md`` table: date, commit, machine, load, then the cells."""
+    device = torch.device(args.device)
+    lead = [str(date.today()), git_commit(), device_name(device), f"{load_average():.1f}"]
+    rows = []
+    for r in results:
+        row = [*lead, torch.__version__, r.model, str(r.batch), args.precision]
+        row += [*cells(r, peak_rate), f"`{args.command}`"]
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept of ``y = slope * x + intercept``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return slope, my - slope * mx
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def run_cases(
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
+) -> tuple[list[Result], float | None, str]:
+    """Every selected case against its peer; returns results, matmul rate and summary line."""
+    configs = method_configs(args.model, args.batch, args.set)
+    names = [n for n in CASES if n in args.cases.split(",")]
+    peers = set(PEERS.values())
+    if args.flops_only:  # one model at a time: ViT-L cases do not all fit in host memory
+        results = {}
+        for n in names:
+            bench = make_bench(n, configs, args.batch, device, bf16, adamw)
+            results |= measure([bench], device, args, timed=False)
+            del bench
+    else:
+        benches = [
+            make_bench(n, configs, args.batch, device, bf16, "default" if n in peers else adamw)
+            for n in names
+        ]
+        results = measure(benches, device, args)
+        del benches
+        for ours, peer in PEERS.items():
+            if ours in results and peer in results:
+                compare(results, ours, peer)
+
+    def value(fn: Callable[[], float], *needed: str) -> str:
+        ok = all(n in results for n in needed) and not math.isnan(fn())
+        return f"{fn():.3f}" if ok else "n/a"
+
+    summary = (
+        f"summary mae_vs_peer={value(lambda: results['mae'].ratio, 'mae', 'lightly')} "
+        "maect_vs_mae_step="
+        f"{value(lambda: results['maect'].seconds / results['mae'].seconds, 'maect', 'mae')} "
+        "can_vs_simclr_flops="
+        f"{value(lambda: results['can'].flops / results['simclr'].flops, 'can', 'simclr')}"
+    )
+    out = list(results.values())
+    if args.data and not args.flops_only:
+        out += data_results(configs, results)
+    timed = device.type == "cuda" and not args.flops_only
+    return out, matmul_peak_flops(device) if timed else None, summary
+
+
+def data_results(configs: dict[str, RunConfig], results: dict[str, Result]) -> list[Result]:
+    """Samples/s of the training transform of each timed method, in a DataLoader worker (1 thread)
+    and in the training process (``num_workers=0``, all threads); ``ratio`` is that rate over the
+    step's images/s (below 1: the data does not keep up)."""
+    out = []
+    threads = torch.get_num_threads()
+    for name in ("mae", "maect", "can"):
+        if name in results:
+            cfg = configs[name]
+            for where, n in (("1 worker", 1), (f"in-process, {threads} threads", threads)):
+                rate = data_rate(cfg, build_case(name, configs), n)
+                label, ratio = f"data {name} ({where})", rate / results[name].images_per_s
+                out.append(
+                    Result(label, model_label(cfg), 1, 1 / rate, 0, 0, f"{name} step", ratio)
+                )
+    return out
+
+
+def run_candidates(
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
+) -> list[Result]:
+    """Single optimisations of ``mae`` and ``maect`` (those in ``--cases``), each timed against
+    the alternative in its own interleaved group; ``ratio`` is the candidate's speed-up over the
+    baseline it names."""
+    configs = method_configs(args.model, args.batch, args.set)
+    cfg = configs["maect"]
+    half = cfg.model.depth // 2
+    frozen_half = {
+        **configs,
+        "maect": dataclasses.replace(cfg, maect=dataclasses.replace(cfg.maect, frozen_blocks=half)),
+    }
+    others = [a for a in ("fused", "foreach", "loop") if a != adamw]
+    precision = "fp32" if bf16 else "bf16"
+
+    def bench(label: str, name: str = "mae", cfgs: dict | None = None, **kw) -> Bench:
+        options = {"bf16": bf16, "adamw": adamw, **kw}
+        return make_bench(name, cfgs or configs, args.batch, device, label=label, **options)
+
+    def pair(candidate: Callable[[], Bench], baseline: Callable[[], Bench]) -> Group:
+        def build() -> tuple[list[Bench], list[tuple[str, str]]]:
+            benches = [candidate(), baseline()]
+            return benches, [(benches[0].name, benches[1].name)]
+
+        return build
+
+    def adamw_group() -> tuple[list[Bench], list[tuple[str, str]]]:
+        benches = [bench(f"mae AdamW {adamw}"), *(bench(f"mae AdamW {a}", adamw=a) for a in others)]
+        return benches, [(b.name, benches[0].name) for b in benches[1:]]
+
+    mae_groups = [
+        adamw_group,
+        pair(lambda: bench("mae SDPA"), lambda: bench("mae no SDPA", sdpa=False)),
+        pair(
+            lambda: bench(f"mae {precision}", bf16=not bf16),
+            lambda: bench(f"mae {args.precision}"),
+        ),
+    ]
+    if args.compile:
+        mae_groups.append(
+            pair(lambda: bench("mae compiled", compile_loss=True), lambda: bench("mae eager"))
+        )
+    maect_groups = [
+        pair(
+            lambda: bench("maect views in one batch", "maect"),
+            lambda: bench(
+                "maect views in two passes",
+                "maect",
+                module=EagerContrastiveTuning(cfg, two_pass=True, grad_through_frozen=False),
+            ),
+        ),
+        pair(
+            lambda: bench(f"maect {half} frozen blocks, no autograd", "maect", frozen_half),
+            lambda: bench(
+                f"maect {half} frozen blocks, autograd",
+                "maect",
+                frozen_half,
+                module=EagerContrastiveTuning(
+                    frozen_half["maect"], two_pass=False, grad_through_frozen=True
+                ),
+            ),
+        ),
+    ]
+    cases = args.cases.split(",")
+    groups = (mae_groups if "mae" in cases else []) + (maect_groups if "maect" in cases else [])
+    out = []
+    for build in groups:
+        benches, pairs = build()
+        results = measure(benches, device, args)
+        for candidate, baseline in pairs:
+            compare(results, candidate, baseline)
+        out += results.values()
+        del benches
+    return out
+
+
+def run_scale(
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
+) -> list[Result]:
+    """MAE step time and memory along three axes from the ``--model`` configuration: batch
+    (x1/2, x1, x2), image size (x1, x2, x3: tokens x1, x4, x9) and width (x1, x2, x3, head width
+    kept). Prints a least-squares line per axis, and of step time over step FLOPs."""
+    base = method_configs(args.model, args.batch, args.set)["mae"]
+    m = base.model
+    axes = {
+        "batch": [(f"batch={b}", b, []) for b in (args.batch // 2, args.batch, 2 * args.batch)],
+        "tokens": [
+            (f"img={f * m.img_size}", args.batch, [f"model.img_size={f * m.img_size}"])
+            for f in (1, 2, 3)
+        ],
+        "params_M": [
+            (
+                f"width={f * m.embed_dim}",
+                args.batch,
+                [f"model.embed_dim={f * m.embed_dim}", f"model.num_heads={f * m.num_heads}"],
+            )
+            for f in (1, 2, 3)
+        ],
+    }
+    benches: dict[tuple, Bench] = {}
+    xs: dict[tuple, dict[str, float]] = {}
+    for grid in axes.values():
+        for label, batch, extra in grid:
+            key = (batch, *extra)
+            if key not in benches:
+                cfg = load_config(base.recipe, [*args.set, *extra])
+                bench = make_bench("mae", {"mae": cfg}, batch, device, bf16, adamw)
+                bench.name = f"mae scale {label}"
+                benches[key] = bench
+                xs[key] = {
+                    "batch": batch,
+                    "tokens": cfg.model.img_size**2 // cfg.model.patch_size**2,
+                    "params_M": sum(p.numel() for p in bench.module.parameters()) / 1e6,
+                }
+    measured = measure(list(benches.values()), device, args)  # all points interleaved
+    print("least-squares lines (ms/step and peak MiB over the axis):")
+    for axis, grid in axes.items():
+        keys = [(batch, *extra) for _, batch, extra in grid]
+        points = [(xs[key][axis], measured[benches[key].name]) for key in keys]
+        values = [v for v, _ in points]
+        ms = linear_fit(values, [1000 * r.seconds for _, r in points])
+        mib = linear_fit(values, [r.peak / 2**20 for _, r in points])
+        print(
+            f"  {axis:<8} ms = {ms[0]:.4g} x + {ms[1]:.4g};  MiB = {mib[0]:.4g} x + {mib[1]:.4g}"
+            f"  (x = {', '.join(f'{v:g}' for v in values)})"
+        )
+    results = list(measured.values())
+    slope, icpt = linear_fit([r.flops / 1e9 for r in results], [1000 * r.seconds for r in results])
+    print(f"  all      ms = {slope:.4g} GFLOP + {icpt:.4g}  (marginal {1000 / slope:.1f} GFLOP/s)")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="vit_t_fmnist")
+    parser.add_argument("--batch", type=int, default=64, help="images (not views) per step")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, all methods"
+    )
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"from {', '.join(CASES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
+    parser.add_argument("--inner", type=int, default=0, help="steps per round (0: 10 CUDA, 1 CPU)")
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs, skip timing")
+    parser.add_argument("--data", action="store_true", help="also time one data worker")
+    parser.add_argument("--candidates", action="store_true", help="time single optimisations")
+    parser.add_argument("--compile", action="store_true", help="candidates: torch.compile too")
+    parser.add_argument("--scale", action="store_true", help="MAE scaling sweep instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--append", action="store_true", help="add rows to docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.command = command_line()
+    device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.inner = args.inner or (10 if device.type == "cuda" else 1)
+    bf16 = args.precision == "bf16"
+    adamw = "fused" if device.type == "cuda" else "loop"  # as configure_optimizers
+    print(f"{args.command}\n{device_name(device)}, load average {load_average():.1f} at start")
+
+    summary = None
+    if args.scale:
+        results = run_scale(args, device, bf16, adamw)
+        peak_rate = matmul_peak_flops(device) if device.type == "cuda" else None
+    else:
+        results, peak_rate, summary = run_cases(args, device, bf16, adamw)
+        if args.candidates:
+            results += run_candidates(args, device, bf16, adamw)
+    print(
+        f"load average {load_average():.1f} at end"
+        + (f"; measured bf16 matmul rate {peak_rate / 1e12:.0f} TFLOP/s" if peak_rate else "")
+    )
+    print_table(results, peak_rate)
+    if args.append:
+        append_rows(
+            SCALE_SECTION if args.scale else SECTION, HEADER, log_rows(results, peak_rate, args)
+        )
+        print("appended to docs/benchmarks.md")
+    if summary:
+        print(summary)
+
+
+if __name__ == "__main__":
+    main()
