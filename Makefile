@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_ROOT := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+# OpenMP threads sleep instead of spinning while waiting: on a shared CPU the default busy-wait
+# made steps 16-20x slower (benchmarks/train_step.py, docs/performance.md).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup data test test-fast lint format demo reproduce clean
 

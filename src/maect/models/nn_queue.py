@@ -94,8 +94,7 @@ class NNQueue(nn.Module):
                 "choose a queue size divisible by (per-device batch × number of devices) and "
                 "drop the last incomplete batch"
             )
-        start = int(self.ptr)
-        window = (start + torch.arange(batch, device=self.ptr.device)) % self.size
+        window = (self.ptr + torch.arange(batch, device=self.ptr.device)) % self.size  # no sync
         # rows that are not finite (a skipped non-finite step) keep the old entry; no host sync
         finite = torch.isfinite(z).all(dim=1)
         new_labels = torch.full_like(ids, -1) if labels is None else labels
@@ -104,7 +103,7 @@ class NNQueue(nn.Module):
         )
         self.ids[window] = torch.where(finite, ids, self.ids[window])
         self.labels[window] = torch.where(finite, new_labels, self.labels[window])
-        self.ptr.fill_((start + batch) % self.size)
+        self.ptr.copy_((self.ptr + batch) % self.size)
 
     @torch.no_grad()
     def nn_label_accuracy(self, nn_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
