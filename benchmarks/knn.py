@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import date
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_model, git_commit
 from sklearn.neighbors import KNeighborsClassifier
 
 from maect.data.datasets import DataNotFoundError, load_fashion_mnist, normalization_stats
@@ -74,25 +73,6 @@ def sklearn_top1(train_x, train_y, test_x, test_y, k: int, weights) -> float:
     clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine", weights=weights)
     clf.fit(train_x.numpy(), train_y.numpy())
     return 100.0 * float((clf.predict(test_x.numpy()) == test_y.numpy()).mean())
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """Short HEAD commit, ``+dirty`` when tracked files differ from it (read-only git calls)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=ROOT).returncode
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def append_row(row: str) -> None:
