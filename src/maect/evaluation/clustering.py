@@ -22,8 +22,9 @@ _DISTANCE_BUDGET = 256 * 2**20  # bytes for one [chunk, k] distance block
 
 def _sq_dist(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``[N, k]`` via ``|x|^2 - 2 x.c + |c|^2``."""
-    d = x.square().sum(dim=1, keepdim=True) - 2.0 * x @ centers.T + centers.square().sum(dim=1)
-    return d.clamp_min_(0.0)
+    x_sq = x.square().sum(dim=1, keepdim=True)
+    d = torch.addmm(x_sq, x, centers.T, alpha=-2.0)  # one fused pass instead of three
+    return d.add_(centers.square().sum(dim=1)).clamp_min_(0.0)
 
 
 def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
