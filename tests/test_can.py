@@ -1,7 +1,6 @@
 """CAN: masking and noise per view, loss targets, InfoNCE vs lightly, gradients and optimizer
 coverage, the MAE and SimCLR special cases, smoke runs, and the gathered loss on two gloo ranks."""
 
-import datetime
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from maect.models.masking import num_visible
 from maect.models.noise import NoiseLevelEmbedding, sinusoidal_embedding
 from maect.models.patches import patchify
 from tests.conftest import TINY_OVERRIDES
+from tests.gloo import init_gloo
 
 PATCH = 4  # tiny config: 28x28 images, 4x4 patches
 NUM_PATCHES = 49
@@ -390,13 +390,7 @@ def _loss_and_grads(module: CAN, views: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD)
     try:
         torch.set_num_threads(1)
         local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)

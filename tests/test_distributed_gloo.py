@@ -7,7 +7,6 @@ same rows, and the gradients of a DDP-wrapped model (averaged over ranks by DDP)
 single-process gradients exactly.
 """
 
-import datetime
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from maect.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from maect.losses import info_nce, nnclr_loss
 from maect.models.nn_queue import NNQueue
+from tests.gloo import init_gloo
 
 WORLD = 2
 BATCH = 4  # per rank
@@ -92,13 +92,7 @@ def _queue_run(data: dict[str, torch.Tensor], local: slice) -> dict[str, torch.T
 
 
 def _worker(rank_: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank_,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank_, init_file, WORLD)
     try:
         assert (rank(), world_size()) == (rank_, WORLD)
         full = _global_data()
