@@ -75,9 +75,14 @@ def test_pipeline_runs_chains_and_skips(tmp_path, capsys):
 
     mtime = (out / "mae" / "encoder.pt").stat().st_mtime
     capsys.readouterr()
-    run_pipeline(recipe, str(out))  # everything exists: nothing is retrained or re-evaluated
+    again = run_pipeline(recipe, str(out))  # all exists: nothing retrained or re-evaluated
     assert (out / "mae" / "encoder.pt").stat().st_mtime == mtime
     assert "=== evaluate" not in capsys.readouterr().out
+    # a skipped stage reports the training time recorded when it was trained, not the skip's
+    for stage in ("mae", "ct"):
+        recorded = json.loads((out / stage / "train_time.json").read_text())["train_seconds"]
+        assert again["train_seconds"][stage] == pytest.approx(recorded)
+        assert recorded == pytest.approx(summary["train_seconds"][stage])
 
 
 def test_pipeline_recipe_errors(tmp_path):

@@ -10,6 +10,7 @@ file exists. The comparison goes to stdout, ``results.json`` and ``results.md``.
 from __future__ import annotations
 
 import json
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from maect.config import ConfigError, from_dict, load_config, read_recipe
 
 COMMANDS = ("pretrain", "tune")
 PIXELS = "pixels"
+TIMING_FILE = "train_time.json"  # written by the pipeline when it trains a stage
 # Comparison-table columns: (title, dotted path into eval.json).
 COLUMNS = (
     ("k-NN", "knn.top1"),
@@ -110,6 +112,25 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[st
     return load_config(stage.recipe, overrides)
 
 
+def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
+    """Train one stage (skipped when complete); its training seconds, kept in ``TIMING_FILE`` so
+    a stage trained by an earlier call (or on another machine) still reports its cost."""
+    from maect.engine import pretrain
+    from maect.tuning import tune
+
+    timing_file = run_dir / TIMING_FILE
+    complete = (run_dir / "encoder.pt").is_file()
+    started = time.perf_counter()
+    (pretrain if stage.command == "pretrain" else tune)(cfg, run_dir)
+    if not complete:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+        seconds = time.perf_counter() - started
+        timing_file.write_text(json.dumps({"train_seconds": seconds, "device": device}))
+    if not timing_file.is_file():
+        return None
+    return float(json.loads(timing_file.read_text())["train_seconds"])
+
+
 def run_pipeline(
     name: str, out: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -117,9 +138,7 @@ def run_pipeline(
 
     Overrides starting with ``eval.`` go to every evaluation, the others to every stage.
     """
-    from maect.engine import pretrain
     from maect.evaluation.command import evaluate, load_eval_config
-    from maect.tuning import tune
 
     spec, stages, comparisons = load_pipeline(name)
     out_dir = Path(out or spec.out)
@@ -127,13 +146,11 @@ def run_pipeline(
     extra = overrides or []
     stage_extra = [o for o in extra if not o.startswith("eval.")]
     eval_extra = [o[len("eval.") :] for o in extra if o.startswith("eval.")]
-    train_seconds: dict[str, float] = {}
+    train_seconds: dict[str, float | None] = {}
     for stage in stages:
         cfg = stage_config(spec, stage, out_dir, stage_extra)  # validate before training
         print(f"\n=== stage {stage.name}: maect {stage.command} recipe={stage.recipe}", flush=True)
-        started = time.perf_counter()
-        (pretrain if stage.command == "pretrain" else tune)(cfg, out_dir / stage.name)
-        train_seconds[stage.name] = time.perf_counter() - started
+        train_seconds[stage.name] = run_stage(stage, cfg, out_dir / stage.name)
 
     gpu_eval = spec.gpu_eval_overrides if torch.cuda.is_available() else []
     results: dict[str, Any] = {}
