@@ -157,6 +157,20 @@ def test_pixels_baseline(tmp_path):
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2
 
 
+def test_unlabeled_split_is_a_config_error(tmp_path, monkeypatch):
+    from maect.evaluation import command
+
+    def unlabeled(*args, **kwargs):
+        dataset = make_synthetic(64, True)
+        dataset.labels[::2] = -1
+        return dataset
+
+    monkeypatch.setattr(command, "build_dataset", unlabeled)
+    items = ["data=synthetic", f"out={tmp_path / 'px'}", "protocols=knn", "plot=false"]
+    with pytest.raises(ConfigError, match="32 of 64 train images have no label"):
+        evaluate("pixels", load_eval_config([*items, *QUICK]))
+
+
 def test_config_parsing_and_errors():
     cfg = load_eval_config(["data=fashion-mnist", "protocols=knn,cluster", "knn.ks=5,10"])
     assert (cfg.data.name, cfg.protocols, cfg.knn.ks) == (

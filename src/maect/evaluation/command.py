@@ -340,6 +340,14 @@ def _build_split(
         img_size=img_size,
         channels=channels,
     )
+    unlabeled = int((dataset.labels < 0).sum())
+    if unlabeled:
+        split = "train" if train else "test"
+        raise ConfigError(
+            f"data.name={name}: {unlabeled} of {len(dataset)} {split} images have no label; "
+            "every protocol needs labelled train and test splits (train on unlabeled data, "
+            "evaluate on a labelled dataset, e.g. data.name=stl10 uses its labelled train split)"
+        )
     size = d.train_subset if train else d.test_subset
     if size is None or size >= len(dataset):
         return _Split(dataset, "all")
