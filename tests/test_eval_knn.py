@@ -134,3 +134,51 @@ def test_invalid_inputs_raise(data, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         knn_accuracy(**args)
+
+
+@pytest.mark.parametrize("search", ["exact", "bf16"])
+@pytest.mark.parametrize("k", [1, 20, 100])
+def test_every_search_matches_bruteforce(data, k, search):
+    train_x, train_y, test_x, _ = data
+    expected = _reference_votes(train_x, train_y, test_x, k, 0.1, 6)
+    votes = knn_votes(train_x, train_y, test_x, k, 0.1, search=search)
+    np.testing.assert_allclose(votes.numpy(), expected, rtol=1e-9)
+
+
+def test_bf16_search_falls_back_where_it_cannot_certify(monkeypatch):
+    """Bank rows closer together than bf16 can resolve: the certificate fails, the exact search
+    takes over, and the neighbours are the exact ones."""
+    from maect.evaluation import knn
+
+    rng = np.random.default_rng(1)
+    centre = rng.normal(size=32)
+    train_x = centre + 1e-4 * rng.normal(size=(400, 32))
+    train_y = rng.integers(0, 3, 400)
+    test_x = centre + 1e-4 * rng.normal(size=(10, 32))
+    exact_calls = []
+    original = knn._exact_topk
+    monkeypatch.setattr(
+        knn, "_exact_topk", lambda q, b, k: exact_calls.append(len(q)) or original(q, b, k)
+    )
+    votes = knn_votes(train_x, train_y, test_x, 5, 0.07, search="bf16")
+    assert exact_calls == [10]  # every query was re-searched exactly
+    expected = _reference_votes(train_x, train_y, test_x, 5, 0.07, 3)
+    np.testing.assert_allclose(votes.numpy(), expected, rtol=1e-9)
+
+
+def test_bf16_cosine_error_bounds_the_bf16_similarities():
+    from maect.evaluation.knn import bf16_cosine_error
+
+    gen = torch.Generator().manual_seed(0)
+    for dim in (16, 384, 1024):
+        a = torch.nn.functional.normalize(torch.randn(256, dim, generator=gen), dim=1)
+        b = torch.nn.functional.normalize(torch.randn(512, dim, generator=gen), dim=1)
+        b[:8] = a[:8]  # cosines near 1, where the output rounding is largest
+        error = (a.bfloat16() @ b.bfloat16().T).double() - a.double() @ b.double().T
+        assert error.abs().max() <= bf16_cosine_error(dim)
+
+
+def test_unknown_search_is_rejected(data):
+    train_x, train_y, test_x, _ = data
+    with pytest.raises(ValueError, match="search must be one of"):
+        knn_votes(train_x, train_y, test_x, search="fast")
