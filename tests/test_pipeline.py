@@ -106,3 +106,23 @@ def test_shipped_pipelines_resolve():
     for name in ("demo_fmnist", "reproduce_fmnist"):
         spec, stages, _ = load_pipeline(name)
         assert stages and spec.evaluate[0] == "pixels"
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_gpu_overrides_apply_only_on_a_gpu(tmp_path, monkeypatch, on_gpu):
+    from maect import pipeline
+
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: on_gpu)
+    recipe = _write(tmp_path, gpu_overrides=["data.subset=100"])
+    spec, stages, _ = load_pipeline(recipe)
+    stages[0].gpu_overrides = ["trainer.epochs=7"]
+    cfg = pipeline.stage_config(spec, stages[0], tmp_path, ["data.batch_size=4"])
+    assert cfg.trainer.epochs == (7 if on_gpu else 1)
+    assert cfg.data.subset == (100 if on_gpu else None)
+    assert cfg.data.batch_size == 4  # command-line overrides come last
+
+
+def test_shipped_pipelines_load():
+    for name in ("demo_fmnist", "reproduce_fmnist"):
+        spec, stages, comparisons = load_pipeline(name)
+        assert stages and comparisons and spec.evaluate

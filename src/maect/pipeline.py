@@ -46,6 +46,7 @@ class StageSpec:
     recipe: str = ""
     init: str = ""
     overrides: list[str] = field(default_factory=list)
+    gpu_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -105,8 +106,14 @@ def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Compar
 
 def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[str]):
     """The validated run config of one stage, with the pipeline-wide and CLI overrides."""
-    gpu = spec.gpu_overrides if torch.cuda.is_available() else []
-    overrides = [*spec.overrides, *gpu, *stage.overrides, *extra]
+    on_gpu = torch.cuda.is_available()
+    overrides = [
+        *spec.overrides,
+        *(spec.gpu_overrides if on_gpu else []),
+        *stage.overrides,
+        *(stage.gpu_overrides if on_gpu else []),
+        *extra,
+    ]
     if stage.command == "tune":
         overrides.append(f"maect.init={out / stage.init}")
     return load_config(stage.recipe, overrides)

@@ -1,0 +1,117 @@
+"""Why a method moved the evaluation numbers: diagnostics on the cached features of run directories.
+
+Reads ``<run>/features/{train,test}-cls-*.pt`` written by ``maect evaluate`` (no extraction) and
+prints, per run:
+
+- ``knn``: weighted k-NN top-1 (k=20, T=0.07) on the full splits, and per class;
+- ``linear - knn``: the probe's top-1 (from ``eval.json``) minus k-NN, the headroom MAE-CT's
+  paper closes (ImageNet ViT-L/16 MAE: 75.9 - 60.6 = 15.3 points);
+- ``nn purity``: share of test images whose nearest train neighbour has their class, the rate at
+  which NNCLR's nearest-neighbour positives are right;
+- ``top-10 purity``: the same over the 10 nearest neighbours;
+- ``moved``: with ``--reference RUN``, the mean cosine between this run's and the reference's
+  test features (how far tuning moved the representation; 1 = unchanged, compared in a common
+  basis by an orthogonal Procrustes fit on the train features).
+
+Usage::
+
+    python scripts/feature_diagnostics.py runs/reproduce_fmnist/{mae,maect,maectaug} \\
+        --reference runs/reproduce_fmnist/mae [--classes T-shirt,Trouser,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from maect.evaluation import knn_predict
+
+FMNIST_CLASSES = [
+    "T-shirt",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def load_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached CLS features and labels of ``split`` in ``run``."""
+    files = sorted((run / "features").glob(f"{split}-cls-*.pt"))
+    if len(files) != 1:
+        raise SystemExit(f"{run}: expected one cached {split}-cls feature file, found {len(files)}")
+    stored = torch.load(files[0], map_location="cpu", weights_only=True)
+    return stored["features"], stored["labels"]
+
+
+def neighbour_purity(train_x, train_y, test_x, test_y, k: int) -> float:
+    """Share of the ``k`` nearest train neighbours (cosine) that carry the query's label."""
+    bank = F.normalize(train_x, dim=1)
+    hits = 0
+    for start in range(0, len(test_x), 2048):
+        queries = F.normalize(test_x[start : start + 2048], dim=1)
+        idx = (queries @ bank.T).topk(k, dim=1).indices
+        hits += int((train_y[idx] == test_y[start : start + 2048, None]).sum())
+    return 100.0 * hits / (len(test_x) * k)
+
+
+def moved(train_a, test_a, train_b, test_b) -> float:
+    """Mean cosine of ``test_a`` and ``test_b`` after aligning ``b`` to ``a`` by orthogonal
+    Procrustes on the (centred, normalised) train features."""
+    a, b = (
+        F.normalize(train_a - train_a.mean(0), dim=1),
+        F.normalize(train_b - train_b.mean(0), dim=1),
+    )
+    u, _, vh = torch.linalg.svd(b.T @ a, full_matrices=False)
+    rotation = u @ vh
+    ta = F.normalize(test_a - train_a.mean(0), dim=1)
+    tb = F.normalize((test_b - train_b.mean(0)) @ rotation, dim=1)
+    return float((ta * tb).sum(1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--reference", type=Path, help="run to measure 'moved' against")
+    parser.add_argument("--classes", default=",".join(FMNIST_CLASSES))
+    args = parser.parse_args()
+    names = args.classes.split(",")
+    ref = None
+    if args.reference:
+        ref = (*load_split(args.reference, "train"), *load_split(args.reference, "test"))
+    per_class = {}
+    print("run | knn | linear | linear - knn | nn purity | top-10 purity | moved")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        train_x, train_y = load_split(run, "train")
+        test_x, test_y = load_split(run, "test")
+        pred = knn_predict(train_x, train_y, test_x, k=20, temperature=0.07)[20]
+        knn = 100.0 * float((pred == test_y).double().mean())
+        linear = json.loads((run / "eval.json").read_text()).get("linear", {}).get("top1")
+        gap = "–" if linear is None else f"{linear - knn:.2f}"
+        purity1 = neighbour_purity(train_x, train_y, test_x, test_y, 1)
+        purity10 = neighbour_purity(train_x, train_y, test_x, test_y, 10)
+        shift = "–" if ref is None else f"{moved(ref[0], ref[2], train_x, test_x):.3f}"
+        lin = "–" if linear is None else f"{linear:.2f}"
+        print(f"| {run} | {knn:.2f} | {lin} | {gap} | {purity1:.2f} | {purity10:.2f} | {shift} |")
+        per_class[run] = [
+            100.0 * float((pred[test_y == c] == c).double().mean()) for c in range(len(names))
+        ]
+    print("\nper-class k-NN top-1\n")
+    print("| class | " + " | ".join(str(r) for r in args.runs) + " |")
+    print("|---|" + "---|" * len(args.runs))
+    for c, name in enumerate(names):
+        print(f"| {name} | " + " | ".join(f"{per_class[r][c]:.1f}" for r in args.runs) + " |")
+
+
+if __name__ == "__main__":
+    main()
