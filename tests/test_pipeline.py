@@ -113,8 +113,9 @@ def test_gpu_overrides_apply_only_on_a_gpu(tmp_path, monkeypatch, on_gpu):
     from maect import pipeline
 
     monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: on_gpu)
-    recipe = _write(tmp_path, gpu_overrides=["data.subset=100"])
+    recipe = _write(tmp_path, gpu_overrides=["data.subset=100"], gpu_note="on a GPU")
     spec, stages, _ = load_pipeline(recipe)
+    assert pipeline.pipeline_note(spec) == ("on a GPU" if on_gpu else "tiny synthetic pipeline")
     stages[0].gpu_overrides = ["trainer.epochs=7"]
     cfg = pipeline.stage_config(spec, stages[0], tmp_path, ["data.batch_size=4"])
     assert cfg.trainer.epochs == (7 if on_gpu else 1)

@@ -71,6 +71,7 @@ class PipelineSpec:
     eval_overrides: list[str] = field(default_factory=list)
     gpu_eval_overrides: list[str] = field(default_factory=list)
     note: str = ""
+    gpu_note: str = ""  # replaces ``note`` on a GPU, where the gpu_* overrides change the budget
 
 
 def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Comparison]]:
@@ -119,6 +120,22 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[st
     return load_config(stage.recipe, overrides)
 
 
+def pipeline_note(spec: PipelineSpec) -> str:
+    """The note printed under the table: ``gpu_note`` on a GPU when the recipe has one."""
+    return spec.gpu_note if torch.cuda.is_available() and spec.gpu_note else spec.note
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     """Train one stage (skipped when complete); its training seconds, kept in ``TIMING_FILE`` so
     a stage trained by an earlier call (or on another machine) still reports its cost."""
@@ -130,7 +147,7 @@ def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     started = time.perf_counter()
     (pretrain if stage.command == "pretrain" else tune)(cfg, run_dir)
     if not complete:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
         seconds = time.perf_counter() - started
         timing_file.write_text(json.dumps({"train_seconds": seconds, "device": device}))
     if not timing_file.is_file():
@@ -176,7 +193,7 @@ def run_pipeline(
     summary = {
         "pipeline": name,
         "description": spec.description,
-        "note": spec.note,
+        "note": pipeline_note(spec),
         "train_seconds": train_seconds,
         "results": results,
         "comparisons": [check(c, results) for c in comparisons],
