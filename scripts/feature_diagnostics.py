@@ -28,20 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from maect.data.datasets import CLASS_NAMES
 from maect.evaluation import knn_predict
-
-FMNIST_CLASSES = [
-    "T-shirt",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
 
 
 def load_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--reference", type=Path, help="run to measure 'moved' against")
-    parser.add_argument("--classes", default=",".join(FMNIST_CLASSES))
+    parser.add_argument("--classes", default=",".join(CLASS_NAMES["fashion-mnist"]))
     args = parser.parse_args()
     names = args.classes.split(",")
     ref = None

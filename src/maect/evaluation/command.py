@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +41,7 @@ from maect.config import (
     parse_overrides,
 )
 from maect.data.datasets import (
+    CLASS_NAMES,
     NORMALIZATION,
     ImageDataset,
     SubsetDataset,
@@ -550,7 +551,13 @@ def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any
             timing,
             "plot",
             lambda: save_embedding_plot(
-                features.test_x, features.test_y, path, cfg.plot_points, cfg.seed, title
+                features.test_x,
+                features.test_y,
+                path,
+                cfg.plot_points,
+                cfg.seed,
+                title,
+                CLASS_NAMES.get(info["dataset"], ()),
             ),
         )
     timing["total"] = round(time.perf_counter() - started, 3)
@@ -630,9 +637,16 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save_embedding_plot(
-    x: torch.Tensor, y: torch.Tensor, path: Path, max_points: int, seed: int, title: str
+    x: torch.Tensor,
+    y: torch.Tensor,
+    path: Path,
+    max_points: int,
+    seed: int,
+    title: str,
+    class_names: Sequence[str] = (),
 ) -> None:
-    """t-SNE of a class-balanced subset of ``max_points`` rows of ``x``, coloured by ``y``.
+    """t-SNE of a class-balanced subset of ``max_points`` rows of ``x``, coloured by ``y``
+    (legend entries named from ``class_names`` where given, else the label index).
 
     The features are L2-normalised (the k-NN geometry) and reduced to 50 dimensions by PCA
     before t-SNE (scikit-learn Barnes-Hut, PCA initialisation, perplexity 30 or less for few
@@ -657,7 +671,10 @@ def save_embedding_plot(
     fig = Figure(figsize=(6, 6), dpi=120)
     ax = fig.add_subplot()
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=4, linewidths=0)
-    ax.legend(*scatter.legend_elements(), loc="best", fontsize=7, title="class", markerscale=0.8)
+    handles, _ = scatter.legend_elements(num=None)  # one handle per label present, sorted
+    present = sorted({int(label) for label in labels})
+    names = [class_names[c] if c < len(class_names) else str(c) for c in present]
+    ax.legend(handles, names, loc="best", fontsize=7, title="class", markerscale=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
