@@ -3,10 +3,11 @@
 import csv
 import shutil
 
+import pytest
 import torch
 
 from maect.checkpoints import load_encoder
-from maect.engine import pretrain
+from maect.engine import METHOD_CLASSES, pretrain
 from maect.methods.mae import MAE
 
 
@@ -74,3 +75,34 @@ def test_rerun_with_other_config_is_refused(tiny_cfg, tmp_path):
     pretrain(tiny_cfg(), tmp_path / "dev", dev_run=1)
     with pytest.raises(ConfigError, match="another config.*mae.mask_ratio"):
         pretrain(tiny_cfg("mae.mask_ratio=0.5"), tmp_path / "dev", dev_run=1)
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile (inductor) needs a C compiler on CPU",
+)
+def test_compiled_blocks_train_like_eager_blocks(tiny_cfg, tmp_path, monkeypatch):
+    """trainer.compile=true compiles the transformer blocks in place: same state-dict keys, same
+    weights after training up to float32 reassociation."""
+    from maect import engine
+
+    compiled = []
+    original = engine.compile_blocks
+    monkeypatch.setattr(engine, "compile_blocks", lambda m: compiled.append(original(m)) or 0)
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = tiny_cfg("trainer.epochs=1", f"trainer.compile={flag}", "trainer.monitor_every=0")
+        runs[flag] = load_encoder(pretrain(cfg, tmp_path / flag)).state_dict()
+    assert compiled == [cfg.model.depth + cfg.model.decoder_depth]  # only the compiled run
+    assert runs["true"].keys() == runs["false"].keys()
+    for key, value in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_compile_blocks_counts_encoder_and_decoder_blocks(tiny_cfg):
+    from maect.engine import compile_blocks
+
+    cfg = tiny_cfg()
+    module = METHOD_CLASSES["mae"](cfg)
+    expected = cfg.model.depth + cfg.model.decoder_depth
+    assert compile_blocks(module) == expected

@@ -80,6 +80,8 @@ class TrainerConfig:
     epoch and, if ``checkpoint_every_steps > 0``, every that many optimizer steps (exact mid-epoch
     resume). A non-finite loss stops the run naming the step and the terms, unless
     ``skip_nonfinite`` (the step is skipped and counted as ``train/skipped_nonfinite``).
+    ``compile`` compiles every transformer block (encoder and decoder) with ``torch.compile``
+    in place (regional compilation: state-dict keys and checkpoints are unchanged).
     """
 
     epochs: int = 800
@@ -98,6 +100,7 @@ class TrainerConfig:
     deterministic: bool = False
     progress_bar: bool = True
     skip_nonfinite: bool = False
+    compile: bool = False
 
 
 @dataclass
