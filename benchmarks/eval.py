@@ -27,7 +27,7 @@ Tasks, each timed once after a small warm-up call (maect on ``--device``, peers 
 Usage::
 
     python benchmarks/eval.py                       # CPU: fmnist + 200k x 384 synthetic bank
-    python benchmarks/eval.py --device cuda --append  # GPU: 1.28M x 1024 synthetic bank
+    python benchmarks/eval.py --device cuda --banks synthetic --tasks knn --append  # 1.28M bank
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ prints, per run:
 - ``knn``: weighted k-NN top-1 (k=20, T=0.07) on the full splits, and per class;
 - ``linear - knn``: the probe's top-1 (from ``eval.json``) minus k-NN, the headroom MAE-CT's
   paper closes (ImageNet ViT-L/16 MAE: 75.9 - 60.6 = 15.3 points);
-- ``nn purity``: share of test images whose nearest train neighbour has their class, the rate at
-  which NNCLR's nearest-neighbour positives are right;
+- ``nn purity``: share of test images whose nearest train neighbour (CLS features) has their
+  class, a proxy for how often NNCLR's nearest-neighbour positives (looked up in a queue of
+  projected train features) share the sample's class;
 - ``top-10 purity``: the same over the 10 nearest neighbours;
 - ``moved``: with ``--reference RUN``, the mean cosine between this run's and the reference's
   test features (how far tuning moved the representation; 1 = unchanged, compared in a common
@@ -16,7 +17,7 @@ prints, per run:
 Usage::
 
     python scripts/feature_diagnostics.py runs/reproduce_fmnist/{mae,maect,maectaug} \\
-        --reference runs/reproduce_fmnist/mae [--classes T-shirt,Trouser,...]
+        --reference runs/reproduce_fmnist/mae
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ from maect.evaluation import knn_predict
 
 
 def load_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached CLS features and labels of ``split`` in ``run``."""
-    files = sorted((run / "features").glob(f"{split}-cls-*.pt"))
-    if len(files) != 1:
-        raise SystemExit(f"{run}: expected one cached {split}-cls feature file, found {len(files)}")
-    stored = torch.load(files[0], map_location="cpu", weights_only=True)
-    return stored["features"], stored["labels"]
+    """The cached CLS features and labels of ``split`` in ``run`` that ``eval.json`` was computed
+    on (the cache may also hold other evaluations, e.g. of a subset)."""
+    size = json.loads((run / "eval.json").read_text())["features"][f"n_{split}"]
+    for path in sorted((run / "features").glob(f"{split}-cls-*.pt")):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if len(stored["labels"]) == size:
+            return stored["features"], stored["labels"]
+    raise SystemExit(f"{run}: no cached {split}-cls features of {size} images (run maect evaluate)")
+
+
+def class_names(run: Path) -> list[str]:
+    """Names of the evaluated dataset's classes where known, else label indices."""
+    dataset = json.loads((run / "eval.json").read_text())["features"]["dataset"]
+    return list(CLASS_NAMES.get(dataset, ()))
 
 
 def neighbour_purity(train_x, train_y, test_x, test_y, k: int) -> float:
@@ -70,9 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--reference", type=Path, help="run to measure 'moved' against")
-    parser.add_argument("--classes", default=",".join(CLASS_NAMES["fashion-mnist"]))
+    parser.add_argument("--classes", help="comma-separated names (default: the dataset's)")
     args = parser.parse_args()
-    names = args.classes.split(",")
+    names = args.classes.split(",") if args.classes else class_names(args.runs[0])
     ref = None
     if args.reference:
         ref = (*load_split(args.reference, "train"), *load_split(args.reference, "test"))
@@ -92,12 +101,14 @@ def main() -> None:
         lin = "–" if linear is None else f"{linear:.2f}"
         print(f"| {run} | {knn:.2f} | {lin} | {gap} | {purity1:.2f} | {purity10:.2f} | {shift} |")
         per_class[run] = [
-            100.0 * float((pred[test_y == c] == c).double().mean()) for c in range(len(names))
+            100.0 * float((pred[test_y == c] == c).double().mean())
+            for c in range(int(test_y.max()) + 1)
         ]
     print("\nper-class k-NN top-1\n")
     print("| class | " + " | ".join(str(r) for r in args.runs) + " |")
     print("|---|" + "---|" * len(args.runs))
-    for c, name in enumerate(names):
+    for c in range(len(per_class[args.runs[0]])):
+        name = names[c] if c < len(names) else str(c)
         print(f"| {name} | " + " | ".join(f"{per_class[r][c]:.1f}" for r in args.runs) + " |")
 
 

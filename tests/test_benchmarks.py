@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, ~15 s
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

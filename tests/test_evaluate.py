@@ -238,3 +238,23 @@ def test_build_monitor(tiny_cfg):
     assert (len(monitor.bank), len(monitor.queries), monitor.every) == (30, 10, 1)
     assert monitor.bank[0][0].shape == (1, 28, 28) and monitor.bank[0][0].dtype == torch.float32
     assert build_monitor(cfg, every=0) is None
+
+
+@pytest.mark.parametrize(("classes", "legend"), [(10, True), (30, False)])
+def test_embedding_plot_legend_names_classes(tmp_path, monkeypatch, classes, legend):
+    from matplotlib.figure import Figure
+
+    from maect.evaluation.command import save_embedding_plot
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    x = torch.randn(6 * classes, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6 * classes) % classes
+    names = tuple(f"class-{c}" for c in range(5))  # fewer names than classes: indices fill in
+    save_embedding_plot(x, y, tmp_path / "e.png", 6 * classes, 0, "t", names)
+    box = saved[0].axes[0].get_legend()
+    if not legend:
+        assert box is None
+        return
+    texts = [t.get_text() for t in box.get_texts()]
+    assert texts == [*names, *(str(c) for c in range(5, classes))]

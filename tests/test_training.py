@@ -78,14 +78,18 @@ def test_rerun_with_other_config_is_refused(tiny_cfg, tmp_path):
 
 
 @pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None,
-    reason="torch.compile (inductor) needs a C compiler on CPU",
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="torch.compile (inductor) needs a C++ compiler on CPU",
 )
 def test_compiled_blocks_train_like_eager_blocks(tiny_cfg, tmp_path, monkeypatch):
     """trainer.compile=true compiles the transformer blocks in place: same state-dict keys, same
     weights after training up to float32 reassociation."""
+    import torch._dynamo
+
     from maect import engine
 
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = []
     original = engine.compile_blocks
     monkeypatch.setattr(engine, "compile_blocks", lambda m: compiled.append(original(m)) or 0)
@@ -94,6 +98,7 @@ def test_compiled_blocks_train_like_eager_blocks(tiny_cfg, tmp_path, monkeypatch
         cfg = tiny_cfg("trainer.epochs=1", f"trainer.compile={flag}", "trainer.monitor_every=0")
         runs[flag] = load_encoder(pretrain(cfg, tmp_path / flag)).state_dict()
     assert compiled == [cfg.model.depth + cfg.model.decoder_depth]  # only the compiled run
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo really traced
     assert runs["true"].keys() == runs["false"].keys()
     for key, value in runs["false"].items():
         torch.testing.assert_close(runs["true"][key], value, rtol=1e-4, atol=1e-5, msg=key)

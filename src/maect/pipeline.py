@@ -137,19 +137,26 @@ def cpu_name() -> str:
 
 
 def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
-    """Train one stage (skipped when complete); its training seconds, kept in ``TIMING_FILE`` so
-    a stage trained by an earlier call (or on another machine) still reports its cost."""
+    """Train one stage (skipped when complete) and return the wall seconds of the call that
+    completed it, kept in ``TIMING_FILE`` so a stage trained by an earlier call (or on another
+    machine) still reports its cost. A stage resumed after an interruption counts only the
+    resuming call (``"resumed": true`` in the file)."""
     from maect.engine import pretrain
     from maect.tuning import tune
 
     timing_file = run_dir / TIMING_FILE
     complete = (run_dir / "encoder.pt").is_file()
+    resumed = (run_dir / "config.yaml").is_file() and not complete
     started = time.perf_counter()
     (pretrain if stage.command == "pretrain" else tune)(cfg, run_dir)
     if not complete:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
-        seconds = time.perf_counter() - started
-        timing_file.write_text(json.dumps({"train_seconds": seconds, "device": device}))
+        on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+        record = {
+            "train_seconds": time.perf_counter() - started,
+            "device": torch.cuda.get_device_name() if on_gpu else cpu_name(),
+            "resumed": resumed,
+        }
+        timing_file.write_text(json.dumps(record))
     if not timing_file.is_file():
         return None
     return float(json.loads(timing_file.read_text())["train_seconds"])

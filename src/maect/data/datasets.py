@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 FMNIST_SYSTEM_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# Per-channel mean and std on the [0, 1] scale, used for normalisation.
 # Class names of the built-in labelled datasets, by label index (plots and per-class tables).
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "fashion-mnist": (
@@ -64,6 +63,7 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
         "truck",
     ),
 }
+# Per-channel mean and std on the [0, 1] scale, used for normalisation.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -346,8 +346,8 @@ def _build_split(
         split = "train" if train else "test"
         raise ConfigError(
             f"data.name={name}: {unlabeled} of {len(dataset)} {split} images have no label; "
-            "every protocol needs labelled train and test splits (train on unlabeled data, "
-            "evaluate on a labelled dataset, e.g. data.name=stl10 uses its labelled train split)"
+            "every protocol needs labelled train and test splits (pretrain on unlabelled images, "
+            "evaluate on a labelled dataset)"
         )
     size = d.train_subset if train else d.test_subset
     if size is None or size >= len(dataset):
@@ -636,6 +636,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MAX_LEGEND_CLASSES = 20
+
+
 def save_embedding_plot(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -646,7 +649,8 @@ def save_embedding_plot(
     class_names: Sequence[str] = (),
 ) -> None:
     """t-SNE of a class-balanced subset of ``max_points`` rows of ``x``, coloured by ``y``
-    (legend entries named from ``class_names`` where given, else the label index).
+    (legend entries named from ``class_names`` where given, else the label index; no legend
+    beyond ``MAX_LEGEND_CLASSES`` classes).
 
     The features are L2-normalised (the k-NN geometry) and reduced to 50 dimensions by PCA
     before t-SNE (scikit-learn Barnes-Hut, PCA initialisation, perplexity 30 or less for few
@@ -671,10 +675,11 @@ def save_embedding_plot(
     fig = Figure(figsize=(6, 6), dpi=120)
     ax = fig.add_subplot()
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=4, linewidths=0)
-    handles, _ = scatter.legend_elements(num=None)  # one handle per label present, sorted
     present = sorted({int(label) for label in labels})
-    names = [class_names[c] if c < len(class_names) else str(c) for c in present]
-    ax.legend(handles, names, loc="best", fontsize=7, title="class", markerscale=0.8)
+    if len(present) <= MAX_LEGEND_CLASSES:  # beyond that a legend is unreadable
+        handles, _ = scatter.legend_elements(num=None)  # one handle per label present, sorted
+        names = [class_names[c] if c < len(class_names) else str(c) for c in present]
+        ax.legend(handles, names, loc="best", fontsize=7, title="class", markerscale=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
