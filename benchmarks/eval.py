@@ -335,7 +335,7 @@ def main() -> None:
     args.extract_images = args.extract_images or (8192 if cuda else 4096)
     args.workers = args.workers if args.workers >= 0 else (8 if cuda else 0)
     args.sklearn_queries = args.sklearn_queries or (500 if cuda else 10_000)
-    args.kmeans_size = args.kmeans_size if args.kmeans_size >= 0 else (200_000 if cuda else 0)
+    args.kmeans_size = args.kmeans_size if args.kmeans_size >= 0 else (50_000 if cuda else 0)
     command = command_line()
     loads = [load_average()]
     print(f"{command}\n{device_name(device)}, load average {loads[0]:.1f} at start")
