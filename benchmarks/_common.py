@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from typing import Protocol
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from maect.pipeline import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -34,21 +35,11 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
-def cpu_model() -> str:
-    """CPU model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
     """GPU name, or the CPU model and the number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def machine(device: torch.device) -> str:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import cpu_model, git_commit
+from _common import git_commit
 from sklearn.neighbors import KNeighborsClassifier
 
 from maect.data.datasets import DataNotFoundError, load_fashion_mnist, normalization_stats
 from maect.evaluation.knn import knn_accuracy
+from maect.pipeline import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -126,7 +127,7 @@ def main() -> None:
     if args.append:
         command = " ".join(["python benchmarks/knn.py", *sys.argv[1:]])
         row = (
-            f"| {date.today()} | {git_commit()} | {cpu_model()} | {torch.get_num_threads()} "
+            f"| {date.today()} | {git_commit()} | {cpu_name()} | {torch.get_num_threads()} "
             f"| {os.getloadavg()[0]:.1f} | {dev} | {shape} | {k} | {t_ours:.2f} | {t_sklearn:.2f} "
             f"| {t_sklearn / t_ours:.1f}x | {ours:.2f} / {weighted:.2f} / {uniform:.2f} "
             f"| `{command}` |"
