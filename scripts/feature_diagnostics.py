@@ -33,10 +33,15 @@ from maect.data.datasets import CLASS_NAMES
 from maect.evaluation import knn_predict
 
 
-def load_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached CLS features and labels of ``split`` in ``run`` that ``eval.json`` was computed
-    on (the cache may also hold other evaluations, e.g. of a subset)."""
-    size = json.loads((run / "eval.json").read_text())["features"][f"n_{split}"]
+def read_eval(run: Path) -> dict:
+    """``run/eval.json``."""
+    return json.loads((run / "eval.json").read_text())
+
+
+def load_split(run: Path, split: str, result: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached CLS features and labels of ``split`` in ``run`` that ``result`` (its
+    ``eval.json``) was computed on (the cache may also hold other evaluations, e.g. of a subset)."""
+    size = result["features"][f"n_{split}"]
     for path in sorted((run / "features").glob(f"{split}-cls-*.pt")):
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if len(stored["labels"]) == size:
@@ -44,21 +49,18 @@ def load_split(run: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise SystemExit(f"{run}: no cached {split}-cls features of {size} images (run maect evaluate)")
 
 
-def class_names(run: Path) -> list[str]:
-    """Names of the evaluated dataset's classes where known, else label indices."""
-    dataset = json.loads((run / "eval.json").read_text())["features"]["dataset"]
-    return list(CLASS_NAMES.get(dataset, ()))
-
-
-def neighbour_purity(train_x, train_y, test_x, test_y, k: int) -> float:
-    """Share of the ``k`` nearest train neighbours (cosine) that carry the query's label."""
+def neighbour_purity(train_x, train_y, test_x, test_y, ks: tuple[int, ...]) -> dict[int, float]:
+    """For each ``k`` in ``ks``: share of the ``k`` nearest train neighbours (cosine) that carry
+    the query's label (one top-``max(ks)`` search; smaller ``k`` use its sorted prefix)."""
     bank = F.normalize(train_x, dim=1)
-    hits = 0
+    hits = dict.fromkeys(ks, 0)
     for start in range(0, len(test_x), 2048):
         queries = F.normalize(test_x[start : start + 2048], dim=1)
-        idx = (queries @ bank.T).topk(k, dim=1).indices
-        hits += int((train_y[idx] == test_y[start : start + 2048, None]).sum())
-    return 100.0 * hits / (len(test_x) * k)
+        idx = (queries @ bank.T).topk(max(ks), dim=1).indices
+        same = train_y[idx] == test_y[start : start + 2048, None]
+        for k in ks:
+            hits[k] += int(same[:, :k].sum())
+    return {k: 100.0 * hits[k] / (len(test_x) * k) for k in ks}
 
 
 def moved(train_a, test_a, train_b, test_b) -> float:
@@ -81,25 +83,32 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="run to measure 'moved' against")
     parser.add_argument("--classes", help="comma-separated names (default: the dataset's)")
     args = parser.parse_args()
-    names = args.classes.split(",") if args.classes else class_names(args.runs[0])
+    results = {run: read_eval(run) for run in args.runs}
+    dataset = results[args.runs[0]]["features"]["dataset"]
+    names = args.classes.split(",") if args.classes else list(CLASS_NAMES.get(dataset, ()))
     ref = None
     if args.reference:
-        ref = (*load_split(args.reference, "train"), *load_split(args.reference, "test"))
+        result = read_eval(args.reference)
+        ref = (
+            *load_split(args.reference, "train", result),
+            *load_split(args.reference, "test", result),
+        )
     per_class = {}
     print("run | knn | linear | linear - knn | nn purity | top-10 purity | moved")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        train_x, train_y = load_split(run, "train")
-        test_x, test_y = load_split(run, "test")
+        train_x, train_y = load_split(run, "train", results[run])
+        test_x, test_y = load_split(run, "test", results[run])
         pred = knn_predict(train_x, train_y, test_x, k=20, temperature=0.07)[20]
         knn = 100.0 * float((pred == test_y).double().mean())
-        linear = json.loads((run / "eval.json").read_text()).get("linear", {}).get("top1")
+        linear = results[run].get("linear", {}).get("top1")
         gap = "–" if linear is None else f"{linear - knn:.2f}"
-        purity1 = neighbour_purity(train_x, train_y, test_x, test_y, 1)
-        purity10 = neighbour_purity(train_x, train_y, test_x, test_y, 10)
+        purity = neighbour_purity(train_x, train_y, test_x, test_y, (1, 10))
         shift = "–" if ref is None else f"{moved(ref[0], ref[2], train_x, test_x):.3f}"
         lin = "–" if linear is None else f"{linear:.2f}"
-        print(f"| {run} | {knn:.2f} | {lin} | {gap} | {purity1:.2f} | {purity10:.2f} | {shift} |")
+        print(
+            f"| {run} | {knn:.2f} | {lin} | {gap} | {purity[1]:.2f} | {purity[10]:.2f} | {shift} |"
+        )
         per_class[run] = [
             100.0 * float((pred[test_y == c] == c).double().mean())
             for c in range(int(test_y.max()) + 1)

@@ -31,9 +31,12 @@ def test_neighbour_purity_matches_bruteforce(diagnostics):
         nearest = np.argsort(-(bank @ (q / np.linalg.norm(q))))[:5]
         hits += int((train_y.numpy()[nearest] == label).sum())
     expected = 100.0 * hits / (50 * 5)
-    assert diagnostics.neighbour_purity(train_x, train_y, test_x, test_y, 5) == pytest.approx(
-        expected
+    purity = diagnostics.neighbour_purity(train_x, train_y, test_x, test_y, (1, 5))
+    assert purity[5] == pytest.approx(expected)
+    nearest = np.argmax(
+        bank @ (test_x.numpy() / np.linalg.norm(test_x.numpy(), axis=1)[:, None]).T, 0
     )
+    assert purity[1] == pytest.approx(100.0 * np.mean(train_y.numpy()[nearest] == test_y.numpy()))
 
 
 def test_moved_is_one_for_a_rotation_and_lower_for_other_features(diagnostics):
