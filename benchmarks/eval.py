@@ -4,6 +4,9 @@ Feature banks (``--banks``):
 
 - ``fmnist``: normalised Fashion-MNIST pixels, 60k bank x 10k queries x 784 (``benchmarks/knn.py``'s
   loader; class-structured random features of that shape when the files are absent).
+- ``features:<dir>``: a feature cache written by ``maect evaluate`` (the ``train-*.pt`` and
+  ``test-*.pt`` of one encoder, e.g. ``runs/reproduce_fmnist/mae/features``): the k-NN target's
+  "cached features".
 - ``synthetic``: class-structured random features (Gaussian class centres plus noise), 200k x 384
   with 10k queries and 100 classes on CPU, 1.28M x 1024 with 50k queries and 1000 classes on CUDA.
 
@@ -15,8 +18,9 @@ Tasks, each timed once after a small warm-up call (maect on ``--device``, peers 
 - ``knn``: ``knn_predict`` (k=20, T=0.07; ``knn_accuracy`` is it plus a comparison) vs
   scikit-learn's brute-force cosine ``KNeighborsClassifier`` with the same ``exp(cos / T)`` vote
   (CPU; beyond ``--sklearn-queries`` queries timed on that many and scaled linearly), vs lightly's
-  ``knn_predict`` (same device, 512 queries per call, a validation batch each). (Measured and not
-  kept: bf16 candidate searches, docs/performance.md.)
+  ``knn_predict`` (same device, 512 queries per call, a validation batch each), and vs itself with
+  the whole bank in one block per query chunk (``tile_rows`` = bank size; the search before CPU
+  tiling). (Measured and not kept: bf16 candidate searches, docs/performance.md.)
 - ``kmeans``: ``kmeans`` vs scikit-learn ``KMeans`` (k-means++, Lloyd, same k, restarts, iteration
   cap and tolerance) on the L2-normalised bank, inertia reported for both.
 - ``linear``: ``linear_probe``'s one-pass sweep over its 10 learning rates vs the same protocol
@@ -28,6 +32,7 @@ Usage::
 
     python benchmarks/eval.py                       # CPU: fmnist + 200k x 384 synthetic bank
     python benchmarks/eval.py --device cuda --banks synthetic --tasks knn --append  # 1.28M bank
+    python benchmarks/eval.py --banks features:runs/demo_fmnist/mae/features --tasks knn
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -184,6 +190,16 @@ def bench_knn(bank: Bank, args: argparse.Namespace, device: torch.device) -> lis
     ours, t_ours = timed(lambda: knn_predict(train_x, train_y, test_x, k, temp)[k], device)
     top1 = 100.0 * float((ours == test_y).double().mean())
     maect = Row(bank.label, "knn", f"maect knn_predict ({device.type})", t_ours, f"top1 {top1:.2f}")
+    one_block = len(train_x)
+
+    def untiled_predict() -> torch.Tensor:
+        return knn_predict(train_x, train_y, test_x, k, temp, tile_rows=one_block)[k]
+
+    pred, t_untiled = timed(untiled_predict, device)
+    same = 100.0 * float((pred == ours).double().mean())
+    untiled = Row(
+        bank.label, "knn", "maect, whole bank per block", t_untiled, f"{same:.2f}% same predictions"
+    )
 
     m = min(args.sklearn_queries, len(test_x))
     clf = KNeighborsClassifier(
@@ -222,6 +238,8 @@ def bench_knn(bank: Bank, args: argparse.Namespace, device: torch.device) -> lis
         sklearn,
         *versus([dataclasses.replace(maect)], lightly),
         lightly,
+        *versus([dataclasses.replace(maect)], untiled),
+        untiled,
     ]
 
 
@@ -268,7 +286,23 @@ def bench_linear(bank: Bank, args: argparse.Namespace, device: torch.device) -> 
 # --------------------------------------------------------------------------- main
 
 
+def cached_bank(directory: Path) -> Bank:
+    """The train and test features of one ``maect evaluate`` feature cache directory."""
+    parts = []
+    for split in ("train", "test"):
+        files = sorted(directory.glob(f"{split}-*.pt"))
+        if len(files) != 1:
+            raise SystemExit(
+                f"expected one {split}-*.pt feature cache in {directory}, found {files}"
+            )
+        stored = torch.load(files[0], map_location="cpu", weights_only=True)
+        parts += [stored["features"].float(), stored["labels"]]
+    return Bank(f"cached features {directory}", *parts)
+
+
 def load_bank(name: str, args: argparse.Namespace, device: torch.device) -> Bank:
+    if name.startswith("features:"):
+        return cached_bank(Path(name.removeprefix("features:")))
     if name == "fmnist":
         source, parts = load_features(60000, 10000)
         return Bank("fmnist pixels" if "fashion" in source else "fmnist-shaped random", *parts)
@@ -304,7 +338,9 @@ def print_rows(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--banks", default="fmnist,synthetic", help="fmnist and/or synthetic")
+    parser.add_argument(
+        "--banks", default="fmnist,synthetic", help="fmnist, synthetic, features:<dir>"
+    )
     parser.add_argument("--tasks", default="extract,knn,kmeans,linear")
     parser.add_argument("--bank-size", type=int, default=0, help="synthetic bank rows")
     parser.add_argument("--queries", type=int, default=0, help="synthetic queries")

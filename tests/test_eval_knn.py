@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from maect.evaluation import knn as knn_module
 from maect.evaluation import knn_accuracy, knn_predict, knn_votes
 
 
@@ -90,6 +91,40 @@ def test_chunked_equals_unchunked(data, chunk_size):
     ) == knn_accuracy(train_x, train_y, test_x, test_y, ks=ks)
 
 
+def test_tile_rows_rule():
+    cpu = torch.device("cpu")
+    assert knn_module._tile_rows(60_000, 20, cpu) == 8192
+    assert knn_module._tile_rows(60_000, 64, cpu) == 8192
+    assert knn_module._tile_rows(60_000, 65, cpu) == 60_000  # large k: one block
+    assert knn_module._tile_rows(16_383, 20, cpu) == 16_383  # under two tiles: one block
+    assert knn_module._tile_rows(60_000, 20, torch.device("meta")) == 60_000
+
+
+@pytest.mark.parametrize(("k", "tile_rows"), [(1, 40), (7, 40), (20, 40), (100, 100), (20, 7)])
+def test_tiled_search_matches_bruteforce(data, k, tile_rows):
+    """Bank searched in tiles (the last one, or all, shorter than k) gives the same votes."""
+    train_x, train_y, test_x, _ = data
+    train_x, train_y = train_x[:290], train_y[:290]  # 7 x 40 + 10 rows; 2 x 100 + 90
+    expected = _reference_votes(train_x, train_y, test_x, k, 0.07, 6)
+    for chunk_size in (None, 13):
+        votes = knn_votes(
+            train_x, train_y, test_x, k, num_classes=6, chunk_size=chunk_size, tile_rows=tile_rows
+        )
+        np.testing.assert_allclose(votes.numpy(), expected, rtol=1e-9)
+
+
+def test_default_tiles_are_used_on_cpu(data, monkeypatch):
+    monkeypatch.setattr(knn_module, "_CPU_TILE", 40)
+    calls = []
+    search = knn_module._topk_similar
+    monkeypatch.setattr(knn_module, "_topk_similar", lambda *a: calls.append(a[-1]) or search(*a))
+    train_x, train_y, test_x, test_y = data
+    tiled = knn_accuracy(train_x, train_y, test_x, test_y, k=20, ks=(1, 10))
+    assert calls and set(calls) == {40}
+    untiled = knn_accuracy(train_x, train_y, test_x, test_y, k=20, ks=(1, 10), tile_rows=300)
+    assert calls[-1] == 300 and untiled == tiled
+
+
 def test_several_k_in_one_pass_equal_separate_calls(data):
     train_x, train_y, test_x, test_y = data
     ks = (1, 10, 20, 100, 200)
@@ -126,6 +161,7 @@ def test_num_classes_pads_vote_columns(data):
         ({"train_y": -np.ones(300, dtype=np.int64)}, "non-negative"),
         ({"temperature": 0.0}, "temperature"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"tile_rows": 0}, "tile_rows"),
     ],
 )
 def test_invalid_inputs_raise(data, kwargs, match):
