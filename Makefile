@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # made steps 16-20x slower (benchmarks/train_step.py, docs/performance.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup data test test-fast lint format demo reproduce clean
+.PHONY: setup data test test-fast lint format demo reproduce bench-train bench-eval clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,15 @@ DEMO_OUT ?= runs/demo_fmnist
 demo: setup data
 	$(BIN)/maect run recipe=pipelines/demo_fmnist out=$(DEMO_OUT)
 	$(BIN)/maect report $(DEMO_OUT)
+
+# Speed against peers on this machine (docs/performance.md); BENCH_ARGS=--append logs the rows
+# to docs/benchmarks.md.
+BENCH_ARGS ?=
+bench-train: setup
+	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
+
+bench-eval: setup data
+	$(BIN)/python benchmarks/eval.py $(BENCH_ARGS)
 
 # The fuller study behind docs/results.md (hours on a CPU, minutes on a GPU).
 reproduce: setup data

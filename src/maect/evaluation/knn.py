@@ -37,7 +37,7 @@ _MAX_TILED_K = 64  # above this, per-tile top-k costs more than the cache saves 
 
 def _tile_rows(n_bank: int, k: int, device: torch.device) -> int:
     """Bank rows per tile; ``n_bank`` (one block) off CPU, for large k or under two tiles."""
-    tiled = device.type == "cpu" and k <= _MAX_TILED_K and 2 * _CPU_TILE <= n_bank
+    tiled = device.type == "cpu" and k <= _MAX_TILED_K and n_bank >= 2 * _CPU_TILE
     return _CPU_TILE if tiled else n_bank
 
 
