@@ -2,8 +2,9 @@
 
 Every case is a full optimizer step on a synthetic batch: forward, backward, AdamW over the
 method's ``param_groups()`` and the method's ``optimizer_step`` extras (MAE-CT's EMA updates).
-maect's cases build AdamW as ``configure_optimizers`` does (fused on CUDA, PyTorch's default
-elsewhere); the peers use PyTorch's default AdamW (foreach on CUDA, a per-tensor loop on CPU).
+maect's cases build AdamW as ``configure_optimizers`` does (fused on CUDA and CPU, PyTorch's
+default elsewhere); the peers use PyTorch's default AdamW (foreach on CUDA, a per-tensor loop on
+CPU).
 bf16 autocast on CUDA, float32 on CPU (``--precision``). Cases take turns within each timing round
 in one process; the figure is the median over rounds after warm-up. On CUDA a round runs
 ``--inner`` steps and synchronises once, so no step synchronises with the host.
@@ -27,7 +28,8 @@ FLOPs: ``FlopCounterMode`` over one forward + backward (matrix products and atte
 MFU = model FLOPs/s over the measured dense bf16 matmul rate of the device.
 
 ``--candidates`` measures single optimisations one against the other (fused AdamW, SDPA,
-bf16 autocast, views in one batch, frozen blocks without autograd, ``--compile``: torch.compile);
+bf16 autocast, views in one batch, frozen blocks without autograd, ``--compile``: every
+transformer block under torch.compile, as the recipe switch ``trainer.compile=true`` does);
 ``--scale`` sweeps batch, image size and width for MAE and fits lines (``docs/performance.md``).
 ``--append`` adds the rows to ``docs/benchmarks.md``. The last line is a summary::
 
@@ -86,6 +88,7 @@ from maect.data.datasets import (
     load_fashion_mnist,
     make_synthetic,
 )
+from maect.engine import compile_blocks
 from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.can import CANOutput
@@ -286,14 +289,14 @@ def make_bench(
     device: torch.device,
     bf16: bool,
     adamw: str,
-    compile_loss: bool = False,
+    compiled: bool = False,
     sdpa: bool = True,
     module: nn.Module | None = None,
     label: str | None = None,
 ) -> Bench:
     """Case ``name`` (or ``module``, built for it) as a training step under ``label``, with AdamW
-    ``adamw`` (``fused``, ``foreach``, ``loop`` or PyTorch's ``default``), optionally with the
-    loss under torch.compile or timm attention without SDPA."""
+    ``adamw`` (``fused``, ``foreach``, ``loop`` or PyTorch's ``default``), optionally with every
+    transformer block compiled as ``trainer.compile=true`` does, or timm attention without SDPA."""
     cfg = configs["mae" if name == "lightly" else name.split("_")[0]]
     module = (module or build_case(name, configs)).to(device).train()
     if not sdpa:
@@ -304,12 +307,13 @@ def make_bench(
     groups = [{**g, "lr": LR * g.get("lr_scale", 1.0)} for g in module.param_groups()]
     flags = {} if adamw == "default" else {"fused": adamw == "fused", "foreach": adamw == "foreach"}
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), **flags)
-    loss_fn = torch.compile(module.compute_losses) if compile_loss else module.compute_losses
+    if compiled:
+        compile_blocks(module)
 
     def closure() -> torch.Tensor:
         module.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = loss_fn(batch)["loss"]
+            loss = module.compute_losses(batch)["loss"]
         loss.backward()
         return loss
 
@@ -612,7 +616,7 @@ def run_candidates(
     ]
     if args.compile:
         mae_groups.append(
-            pair(lambda: bench("mae compiled", compile_loss=True), lambda: bench("mae eager"))
+            pair(lambda: bench("mae compiled blocks", compiled=True), lambda: bench("mae eager"))
         )
     maect_groups = [
         pair(
@@ -635,6 +639,13 @@ def run_candidates(
             ),
         ),
     ]
+    if args.compile:
+        maect_groups.append(
+            pair(
+                lambda: bench("maect compiled blocks", "maect", compiled=True),
+                lambda: bench("maect eager", "maect"),
+            )
+        )
     cases = args.cases.split(",")
     groups = (mae_groups if "mae" in cases else []) + (maect_groups if "maect" in cases else [])
     out = []
@@ -733,7 +744,7 @@ def main() -> None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     args.inner = args.inner or (10 if device.type == "cuda" else 1)
     bf16 = args.precision == "bf16"
-    adamw = "fused" if device.type == "cuda" else "loop"  # as configure_optimizers
+    adamw = "fused" if device.type in ("cuda", "cpu") else "loop"  # as configure_optimizers
     print(f"{args.command}\n{device_name(device)}, load average {load_average():.1f} at start")
 
     summary = None

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # subprocesses, ~15 s
 
@@ -40,4 +41,18 @@ def test_eval_prints_each_task_against_its_peer():
         "--bank-size", "2000", "--queries", "200", "--dim", "16", "--classes", "5",
     )  # fmt: skip
     assert "sklearn brute cosine" in out and "lightly knn_predict" in out
+    assert "maect, whole bank per block" in out and "100.00% same predictions" in out
     assert "sklearn KMeans lloyd" in out and "one lr at a time" in out
+
+
+def test_eval_reads_a_feature_cache(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 300), ("test", 50)):
+        features = torch.randn(n, 8, generator=gen)
+        labels = torch.randint(3, (n,), generator=gen)
+        torch.save({"features": features, "labels": labels}, tmp_path / f"{split}-cls-0.pt")
+    out = run("eval.py", "--device", "cpu", "--banks", f"features:{tmp_path}", "--tasks", "knn")
+    assert f"cached features {tmp_path} 300 x 50 x 8" in out and "sklearn brute cosine" in out
+    (tmp_path / "test-cls-1.pt").write_bytes(b"")
+    with pytest.raises(AssertionError, match="expected one test"):
+        run("eval.py", "--device", "cpu", "--banks", f"features:{tmp_path}", "--tasks", "knn")
