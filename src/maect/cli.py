@@ -70,6 +70,9 @@ def cmd_evaluate(args: list[str]) -> None:
     import json
     from pathlib import Path
 
+    import torch.distributed
+
+    from maect.distributed import init_from_env
     from maect.evaluation.command import evaluate, format_table, load_eval_config
 
     if not args or "=" in args[0]:
@@ -80,7 +83,13 @@ def cmd_evaluate(args: list[str]) -> None:
             raise ConfigError(f"no such file: {source}")
         print(format_table(json.loads(Path(source).read_text())))
         return
-    evaluate(source, load_eval_config(overrides))
+    cfg = load_eval_config(overrides)
+    distributed = init_from_env()  # several processes (torchrun) share the feature extraction
+    try:
+        evaluate(source, cfg)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
 
 
 def cmd_run(args: list[str]) -> None:

@@ -8,6 +8,8 @@ incoming gradients over ranks (``all_reduce``) and returns the local slice: the 
 is ``world_size`` times the gradient of the global mean loss, and DDP's average undoes the factor.
 """
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -25,6 +27,20 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes (1 when not distributed)."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that a launcher (``torchrun``, ``srun`` with torch's variables)
+    describes in ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``; NCCL with one GPU per ``LOCAL_RANK``
+    where CUDA is available, else gloo. Returns whether this process is one of several."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -50,6 +50,7 @@ from maect.data.datasets import (
 )
 from maect.data.subset import balanced_subset
 from maect.data.transforms import EVAL_CROP_PCT, eval_transform
+from maect.distributed import rank
 from maect.evaluation.clustering import clustering_scores
 from maect.evaluation.features import (
     FeatureKey,
@@ -526,8 +527,11 @@ def run_protocols(f: FeatureSet, cfg: EvalConfig, timing: dict[str, float]) -> d
     return result
 
 
-def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any]:
+def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any] | None:
     """Run the protocols of ``cfg`` on ``source`` and write ``eval.json`` (+ ``embedding.png``).
+
+    In a joined process group (``torchrun ... maect evaluate``) all ranks share the feature
+    extraction and rank 0 alone runs the protocols and writes the outputs.
 
     Args:
         source: A run directory, a checkpoint file :func:`maect.load_encoder` accepts, or
@@ -535,12 +539,14 @@ def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any
         cfg: Settings; ``None`` uses the defaults.
 
     Returns:
-        The ``eval.json`` content (see the module docstring).
+        The ``eval.json`` content (see the module docstring); ``None`` on ranks other than 0.
     """
     cfg = validate_eval_config(cfg or EvalConfig())
     started = time.perf_counter()
     timing: dict[str, float] = {}
     features = load_features(str(source), cfg, timing)
+    if rank() != 0:
+        return None
     result = run_protocols(features, cfg, timing)
     out = Path(features.info["out"])
     if cfg.plot:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from maect.distributed import world_size
+from maect.distributed import rank, world_size
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for the process group's collectives (NCCL: this rank's GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
@@ -60,3 +67,43 @@ def gather_in_order(
             f"(first missing: {missing[:5].tolist()})"
         )
     return out
+
+
+@torch.no_grad()
+def gather_rows(
+    features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows, ordered by dataset index, on every rank (CPU).
+
+    For disjoint shards that together cover the dataset, less the images no rank could read: the
+    result equals what one process extracting the whole dataset returns.
+
+    Args:
+        features: ``[n, D]`` features of this rank's images.
+        labels: ``[n]`` their labels.
+        indices: ``[n]`` their dataset indices.
+
+    Returns:
+        ``(features [N, D], labels [N])``, rows sorted by dataset index.
+    """
+    device = collective_device()
+    features = _all_gather_varlen(features.to(device))
+    ids = _all_gather_varlen(torch.stack([indices.long(), labels.long()], dim=1).to(device))
+    order = ids[:, 0].argsort()
+    return features[order].cpu(), ids[order, 1].cpu()
+
+
+def broadcast_rows(
+    features: torch.Tensor | None, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's ``(features [N, D], labels [N])`` on every rank (CPU); others pass ``None``."""
+    device = collective_device()
+    shape = [list(features.shape) if rank() == 0 else None]
+    dist.broadcast_object_list(shape, src=0)
+    if rank() != 0:
+        features = torch.empty(shape[0], dtype=torch.float32)
+        labels = torch.empty(shape[0][0], dtype=torch.long)
+    features, labels = features.to(device), labels.to(device)
+    dist.broadcast(features, src=0)
+    dist.broadcast(labels, src=0)
+    return features.cpu(), labels.cpu()

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import IO
 
 import torch
+import torch.distributed as dist
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from maect.data.loader import build_loader
+from maect.distributed import rank, world_size
+from maect.evaluation.distributed import broadcast_rows, gather_rows
 from maect.models.pooling import pool_tokens
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,9 @@ def extract_features(
 
     The dataset's own ``transform`` must produce the normalised evaluation view. The encoder is
     put in eval mode for the pass and its previous mode restored; images that cannot be read are
-    skipped (their rows are absent from the result).
+    skipped (their rows are absent from the result). Under several processes (a joined process
+    group) each rank encodes every ``world_size``-th image and every rank returns all rows, as
+    one process would.
 
     Args:
         encoder: A timm ViT, or ``None`` for raw normalised pixels flattened.
@@ -109,21 +114,26 @@ def extract_features(
         ``(features [N, D] float32 on the CPU, labels [N] int64)``.
     """
     device = resolve_device(device)
-    loader = build_loader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
+    world = world_size()
+    shard = dataset if world == 1 else Subset(dataset, range(rank(), len(dataset), world))
+    loader = build_loader(shard, batch_size, num_workers, shuffle=False, drop_last=False)
     was_training = encoder.training if encoder is not None else False
     if encoder is not None:
         encoder.eval().to(device)
-    features, labels = [], []
+    features, labels, indices = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         with torch.inference_mode(), autocast:
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(loader, desc=desc, disable=not progress or rank() != 0, leave=False):
                 images = batch["image"].to(device, non_blocking=True)
                 features.append(encode(encoder, images, pooling, layer).float().cpu())
                 labels.append(batch["label"])
+                indices.append(batch["index"])
     finally:
         if encoder is not None:
             encoder.train(was_training)
+    if world > 1:
+        return gather_rows(torch.cat(features), torch.cat(labels), torch.cat(indices))
     return torch.cat(features), torch.cat(labels).long()
 
 
@@ -226,6 +236,22 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def _read_cache(path: Path, key: FeatureKey) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stored ``(features, labels)`` of ``key`` at ``path``, or ``None`` (absent, unreadable,
+    or another key)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        log.warning("ignoring unreadable feature cache %s: %s", path, err)
+        return None
+    if stored.get("key") != dataclasses.asdict(key):
+        return None
+    log.info("features from cache %s", path)
+    return stored["features"], stored["labels"]
+
+
 def cached_features(
     encoder: VisionTransformer | None,
     dataset: Dataset,
@@ -242,18 +268,21 @@ def cached_features(
     ``key.pooling`` and ``key.layer`` select the pooling. A stored file whose key differs (a hash
     collision, or a file from elsewhere) is ignored and overwritten.
 
+    Under several processes rank 0 alone reads and writes the cache; on a hit it sends the
+    features to the other ranks, on a miss all ranks share the extraction.
+
     Returns:
         ``(features [N, D] float32 CPU, labels [N] int64)``, identical to a fresh extraction.
     """
     path = cache_dir / key.filename() if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") == dataclasses.asdict(key):
-                log.info("features from cache %s", path)
-                return stored["features"], stored["labels"]
-        except (OSError, RuntimeError, EOFError) as err:
-            log.warning("ignoring unreadable feature cache %s: %s", path, err)
+    stored = _read_cache(path, key) if path is not None and rank() == 0 else None
+    if world_size() > 1:
+        hit = [stored is not None]
+        dist.broadcast_object_list(hit, src=0)
+        if hit[0]:
+            return broadcast_rows(*(stored or (None, None)))
+    if stored is not None:
+        return stored
     features, labels = extract_features(
         encoder,
         dataset,
@@ -265,7 +294,7 @@ def cached_features(
         progress=progress,
         desc=f"{key.split} features",
     )
-    if path is not None:
+    if path is not None and rank() == 0:
         payload = {"key": dataclasses.asdict(key), "features": features, "labels": labels}
         with atomic_write(path) as f:
             torch.save(payload, f)

@@ -1,0 +1,112 @@
+"""Feature extraction and ``maect evaluate`` shared by 2 gloo ranks equal one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from maect.cli import main
+from maect.data.datasets import TensorImageDataset, make_synthetic
+from maect.data.transforms import eval_transform
+from maect.distributed import init_from_env, rank
+from maect.evaluation.features import FeatureKey, cached_features, extract_features
+from maect.models.vit import MaskedViT, ViTArch
+
+pytestmark = pytest.mark.slow  # two spawned processes, ~20 s
+
+WORLD = 2
+UNREADABLE = 5  # an image no rank can read: absent from every result, as in one process
+EVAL = ["data=synthetic", "protocols=knn,cluster", "plot=false", "progress=false"]
+
+
+class PartlyUnreadable(TensorImageDataset):
+    def load_image(self, index: int) -> torch.Tensor | None:
+        return None if index == UNREADABLE else super().load_image(index)
+
+
+def dataset() -> PartlyUnreadable:
+    base = make_synthetic(23, True)  # odd: the two shards differ in length
+    data = PartlyUnreadable(base.images, base.labels, base.num_classes)
+    data.transform = eval_transform(28, 28, 1, (0.5,), (0.25,))
+    return data
+
+
+def encoder() -> MaskedViT:
+    torch.manual_seed(0)
+    return MaskedViT(ViTArch(28, 4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
+
+
+KEY = FeatureKey("w", "synthetic", "", "train", "all", "eval", "cls", None)
+
+
+def _worker(local_rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        MAECT_CACHE=str(Path(out) / "cache"),
+    )
+    torch.set_num_threads(1)
+    assert init_from_env() and rank() == local_rank  # the CLI below reuses this group, ends it
+    model, data = encoder(), dataset()
+    results = {"fresh": extract_features(model, data, batch_size=4, progress=False)}
+    cache = Path(out) / "features"
+    miss = cached_features(model, data, KEY, cache, batch_size=4, progress=False)
+    hit = cached_features(model, data, KEY, cache, batch_size=4, progress=False)
+    results.update(miss=miss, hit=hit)
+    main(["evaluate", "pixels", f"out={Path(out) / 'pixels'}", *EVAL])
+    torch.save(results, Path(out) / f"rank{local_rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("eval_ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_every_rank_gets_all_features_in_dataset_order(ranks):
+    _, results = ranks
+    features, labels = extract_features(encoder(), dataset(), batch_size=4, progress=False)
+    assert len(labels) == 22  # the unreadable image is dropped
+    all_labels = make_synthetic(23, True).labels.long()
+    assert torch.equal(labels, torch.cat([all_labels[:UNREADABLE], all_labels[UNREADABLE + 1 :]]))
+    for result in results:
+        for name in ("fresh", "miss", "hit"):
+            got_features, got_labels = result[name]
+            torch.testing.assert_close(got_features, features, rtol=1e-5, atol=1e-6)
+            assert torch.equal(got_labels, labels), name
+
+
+def test_rank_zero_alone_writes_the_cache(ranks):
+    out, _ = ranks
+    assert len(list((out / "features").glob("*.pt"))) == 1
+    assert not list((out / "features").glob("*.tmp"))
+
+
+def test_cli_under_two_ranks_writes_what_one_process_writes(ranks, tmp_path, monkeypatch):
+    out, _ = ranks
+    shared = (out / "pixels" / "eval.json").read_text()
+    monkeypatch.setenv("MAECT_CACHE", str(tmp_path / "cache"))
+    main(["evaluate", "pixels", f"out={tmp_path / 'pixels'}", *EVAL])
+    single = (tmp_path / "pixels" / "eval.json").read_text()
+
+    def headline(text: str) -> dict:
+        data = json.loads(text)
+        return {k: data[k] for k in ("knn", "cluster")} | {"n": data["features"]["n_train"]}
+
+    assert headline(shared) == headline(single)
