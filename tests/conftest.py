@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny ViT configuration on synthetic data."""
+"""Shared fixtures: a tiny ViT configuration on synthetic data; helpers for spawned ranks."""
+
+import os
+import socket
 
 import pytest
 import torch
@@ -39,3 +42,23 @@ def _seed_and_private_cache(tmp_path_factory, monkeypatch):
     """Fixed seed, and a feature cache that never touches the user's ~/.cache."""
     torch.manual_seed(0)
     monkeypatch.setenv("MAECT_CACHE", str(tmp_path_factory.mktemp("maect_cache")))
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (for a spawned process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """Set the variables ``torchrun`` gives rank ``rank`` of ``world`` on one machine."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        LOCAL_WORLD_SIZE=str(world),
+    )

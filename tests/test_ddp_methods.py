@@ -22,8 +22,6 @@ with ``trainer.skip_nonfinite``, skipping) on both.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from maect.methods.base import arch_from_config
 from maect.methods.maect import ContrastiveTuning
 from maect.models import noise
 from maect.models.vit import MaskedViT
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, free_port, rank_environment
 
 pytestmark = pytest.mark.slow
 
@@ -252,15 +250,7 @@ def _eval_shard(rank: int) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
+    rank_environment(rank, WORLD, port)
     torch.set_num_threads(1)
     results = {m: train(m, WORLD, rank, Path(out) / m) for m in RECIPES}
     results["eval"] = _eval_shard(rank)
@@ -269,16 +259,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

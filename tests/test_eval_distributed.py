@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from maect.data.transforms import eval_transform
 from maect.distributed import init_from_env, rank
 from maect.evaluation.features import FeatureKey, cached_features, extract_features
 from maect.models.vit import MaskedViT, ViTArch
+from tests.conftest import free_port, rank_environment
 
 pytestmark = pytest.mark.slow  # two spawned processes, ~20 s
 
@@ -46,14 +46,8 @@ KEY = FeatureKey("w", "synthetic", "", "train", "all", "eval", "cls", None)
 
 
 def _worker(local_rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
-        MAECT_CACHE=str(Path(out) / "cache"),
-    )
+    rank_environment(local_rank, WORLD, port)
+    os.environ["MAECT_CACHE"] = str(Path(out) / "cache")
     torch.set_num_threads(1)
     assert init_from_env() and rank() == local_rank  # the CLI below reuses this group, ends it
     model, data = encoder(), dataset()
@@ -66,16 +60,10 @@ def _worker(local_rank: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{local_rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("eval_ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
