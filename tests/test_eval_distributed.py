@@ -30,8 +30,8 @@ class PartlyUnreadable(TensorImageDataset):
         return None if index == UNREADABLE else super().load_image(index)
 
 
-def dataset() -> PartlyUnreadable:
-    base = make_synthetic(23, True)  # odd: the two shards differ in length
+def dataset(size: int = 23) -> PartlyUnreadable:
+    base = make_synthetic(size, True)  # 23, odd: the two shards differ in length
     data = PartlyUnreadable(base.images, base.labels, base.num_classes)
     data.transform = eval_transform(28, 28, 1, (0.5,), (0.25,))
     return data
@@ -49,14 +49,20 @@ def _worker(local_rank: int, port: int, out: str) -> None:
     rank_environment(local_rank, WORLD, port)
     os.environ["MAECT_CACHE"] = str(Path(out) / "cache")
     torch.set_num_threads(1)
-    assert init_from_env() and rank() == local_rank  # the CLI below reuses this group, ends it
+    assert init_from_env() and rank() == local_rank
     model, data = encoder(), dataset()
-    results = {"fresh": extract_features(model, data, batch_size=4, progress=False)}
+    results = {"shared": extract_features(model, data, batch_size=4, progress=False, shard=True)}
     cache = Path(out) / "features"
-    miss = cached_features(model, data, KEY, cache, batch_size=4, progress=False)
-    hit = cached_features(model, data, KEY, cache, batch_size=4, progress=False)
-    results.update(miss=miss, hit=hit)
-    main(["evaluate", "pixels", f"out={Path(out) / 'pixels'}", *EVAL])
+    for name in ("miss", "hit"):
+        results[name] = cached_features(
+            model, data, KEY, cache, batch_size=4, progress=False, shard=True
+        )
+    # one image: rank 1's share is empty; rank 0 alone, unsharded (the k-NN monitor's call)
+    results["tiny"] = extract_features(model, dataset(1), progress=False, shard=True)
+    if local_rank == 0:
+        results["local"] = extract_features(model, data, batch_size=4, progress=False)
+    main(["evaluate", "pixels", f"out={Path(out) / 'pixels'}", *EVAL])  # joins this group
+    torch.distributed.destroy_process_group()
     torch.save(results, Path(out) / f"rank{local_rank}.pt")
 
 
@@ -67,17 +73,24 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def test_every_rank_gets_all_features_in_dataset_order(ranks):
-    _, results = ranks
+def test_rank_zero_gets_all_features_in_dataset_order(ranks):
+    _, (rank0, rank1) = ranks
     features, labels = extract_features(encoder(), dataset(), batch_size=4, progress=False)
-    assert len(labels) == 22  # the unreadable image is dropped
     all_labels = make_synthetic(23, True).labels.long()
     assert torch.equal(labels, torch.cat([all_labels[:UNREADABLE], all_labels[UNREADABLE + 1 :]]))
-    for result in results:
-        for name in ("fresh", "miss", "hit"):
-            got_features, got_labels = result[name]
-            torch.testing.assert_close(got_features, features, rtol=1e-5, atol=1e-6)
-            assert torch.equal(got_labels, labels), name
+    for name in ("shared", "miss", "hit", "local"):
+        got_features, got_labels = rank0[name]
+        torch.testing.assert_close(got_features, features, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got_labels, labels), name
+    for name in ("shared", "miss", "hit"):
+        assert rank1[name][0].shape[0] == 0 and rank1[name][1].shape == (0,), name
+
+
+def test_a_rank_without_images_does_not_block(ranks):
+    _, (rank0, rank1) = ranks
+    features, labels = extract_features(encoder(), dataset(1), progress=False)
+    torch.testing.assert_close(rank0["tiny"][0], features, rtol=1e-5, atol=1e-6)
+    assert torch.equal(rank0["tiny"][1], labels) and rank1["tiny"][0].shape == (0, 32)
 
 
 def test_rank_zero_alone_writes_the_cache(ranks):

@@ -84,11 +84,11 @@ def cmd_evaluate(args: list[str]) -> None:
         print(format_table(json.loads(Path(source).read_text())))
         return
     cfg = load_eval_config(overrides)
-    distributed = init_from_env()  # several processes (torchrun) share the feature extraction
+    created = init_from_env()  # several processes (torchrun) share the feature extraction
     try:
         evaluate(source, cfg)
     finally:
-        if distributed:
+        if created:
             torch.distributed.destroy_process_group()
 
 

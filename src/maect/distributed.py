@@ -32,10 +32,9 @@ def world_size() -> int:
 def init_from_env() -> bool:
     """Join the process group that a launcher (``torchrun``, ``srun`` with torch's variables)
     describes in ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``; NCCL with one GPU per ``LOCAL_RANK``
-    where CUDA is available, else gloo. Returns whether this process is one of several."""
-    if is_distributed():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    where CUDA is available, else gloo. Returns whether this call created the group (then the
+    caller destroys it); False for one process or a group that already exists."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

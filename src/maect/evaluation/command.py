@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
@@ -50,7 +51,7 @@ from maect.data.datasets import (
 )
 from maect.data.subset import balanced_subset
 from maect.data.transforms import EVAL_CROP_PCT, eval_transform
-from maect.distributed import rank
+from maect.distributed import rank, world_size
 from maect.evaluation.clustering import clustering_scores
 from maect.evaluation.features import (
     FeatureKey,
@@ -333,6 +334,9 @@ def _build_split(
 ) -> _Split:
     """The train or test split, cut to its class-balanced subset when one is configured."""
     d = cfg.data
+    downloads = d.download and world_size() > 1  # rank 0 downloads, the others then read
+    if downloads and rank() != 0:
+        dist.barrier()
     dataset = build_dataset(
         name,
         root,
@@ -342,6 +346,8 @@ def _build_split(
         img_size=img_size,
         channels=channels,
     )
+    if downloads and rank() == 0:
+        dist.barrier()
     unlabeled = int((dataset.labels < 0).sum())
     if unlabeled:
         split = "train" if train else "test"
@@ -383,11 +389,12 @@ class FeatureSet:
     info: dict[str, Any]
 
 
-def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> FeatureSet:
+def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> FeatureSet | None:
     """Extract (or read from the cache) the train and test features of ``source``.
 
     Dataset, root and normalisation default to the run's ``config.yaml`` for a run directory.
-    The seconds spent are added to ``timing["extract"]``.
+    The seconds spent are added to ``timing["extract"]``. In a process group every rank must
+    call: the ranks share the extraction, rank 0 gets the features, the others ``None``.
     """
     src = _open_source(source, cfg)
     run_data = src.run_cfg.data if src.run_cfg is not None else None
@@ -437,11 +444,14 @@ def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> Fea
             device=device,
             num_workers=cfg.data.num_workers,
             progress=cfg.progress,
+            shard=True,
         )
 
     (train_x, train_y), (test_x, test_y) = _timed(
         timing, "extract", lambda: (extract("train"), extract("test"))
     )
+    if rank() != 0:
+        return None
     if cfg.standardize:
         train_x, test_x = standardize(train_x, test_x)
     info = {
@@ -530,8 +540,8 @@ def run_protocols(f: FeatureSet, cfg: EvalConfig, timing: dict[str, float]) -> d
 def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any] | None:
     """Run the protocols of ``cfg`` on ``source`` and write ``eval.json`` (+ ``embedding.png``).
 
-    In a joined process group (``torchrun ... maect evaluate``) all ranks share the feature
-    extraction and rank 0 alone runs the protocols and writes the outputs.
+    In a joined process group (``torchrun ... maect evaluate``) every rank must call it: the
+    ranks share the feature extraction, rank 0 alone runs the protocols and writes the outputs.
 
     Args:
         source: A run directory, a checkpoint file :func:`maect.load_encoder` accepts, or
@@ -545,7 +555,7 @@ def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any
     started = time.perf_counter()
     timing: dict[str, float] = {}
     features = load_features(str(source), cfg, timing)
-    if rank() != 0:
+    if features is None:  # not rank 0 of a process group: it helped extract
         return None
     result = run_protocols(features, cfg, timing)
     out = Path(features.info["out"])

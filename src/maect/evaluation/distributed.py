@@ -70,13 +70,14 @@ def gather_in_order(
 
 
 @torch.no_grad()
-def gather_rows(
+def gather_rows_to_zero(
     features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's rows, ordered by dataset index, on every rank (CPU).
+    """Every rank's rows on rank 0, ordered by dataset index (CPU); empty tensors elsewhere.
 
-    For disjoint shards that together cover the dataset, less the images no rank could read: the
-    result equals what one process extracting the whole dataset returns.
+    For disjoint shards that together cover the dataset, less the images no rank could read, rank
+    0 gets the rows one process extracting the whole dataset returns. A rank without rows passes
+    ``[0, 0]`` features (the width is taken from the others).
 
     Args:
         features: ``[n, D]`` features of this rank's images.
@@ -84,26 +85,31 @@ def gather_rows(
         indices: ``[n]`` their dataset indices.
 
     Returns:
-        ``(features [N, D], labels [N])``, rows sorted by dataset index.
+        On rank 0 ``(features [N, D], labels [N])``, rows sorted by dataset index; on the other
+        ranks ``([0, D], [0])``.
     """
     device = collective_device()
-    features = _all_gather_varlen(features.to(device))
-    ids = _all_gather_varlen(torch.stack([indices.long(), labels.long()], dim=1).to(device))
+    width = torch.tensor([features.shape[1]], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    if features.shape[0] == 0:
+        features = features.new_zeros((0, int(width)))
+    features = _gather_varlen_to_zero(features.to(device))
+    ids = _gather_varlen_to_zero(torch.stack([indices.long(), labels.long()], dim=1).to(device))
     order = ids[:, 0].argsort()
     return features[order].cpu(), ids[order, 1].cpu()
 
 
-def broadcast_rows(
-    features: torch.Tensor | None, labels: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank 0's ``(features [N, D], labels [N])`` on every rank (CPU); others pass ``None``."""
-    device = collective_device()
-    shape = [list(features.shape) if rank() == 0 else None]
-    dist.broadcast_object_list(shape, src=0)
+def _gather_varlen_to_zero(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per rank) on rank 0; ``x[:0]`` on
+    the other ranks."""
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.empty_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes] if rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
     if rank() != 0:
-        features = torch.empty(shape[0], dtype=torch.float32)
-        labels = torch.empty(shape[0][0], dtype=torch.long)
-    features, labels = features.to(device), labels.to(device)
-    dist.broadcast(features, src=0)
-    dist.broadcast(labels, src=0)
-    return features.cpu(), labels.cpu()
+        return x[:0]
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from maect.data.loader import build_loader
 from maect.distributed import rank, world_size
-from maect.evaluation.distributed import broadcast_rows, gather_rows
+from maect.evaluation.distributed import gather_rows_to_zero
 from maect.models.pooling import pool_tokens
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,13 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "features",
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of every readable image of ``dataset``, in dataset order.
 
     The dataset's own ``transform`` must produce the normalised evaluation view. The encoder is
     put in eval mode for the pass and its previous mode restored; images that cannot be read are
-    skipped (their rows are absent from the result). Under several processes (a joined process
-    group) each rank encodes every ``world_size``-th image and every rank returns all rows, as
-    one process would.
+    skipped (their rows are absent from the result).
 
     Args:
         encoder: A timm ViT, or ``None`` for raw normalised pixels flattened.
@@ -109,14 +108,17 @@ def extract_features(
         num_workers: Data loader workers.
         progress: Show a tqdm progress bar.
         desc: Label of the progress bar.
+        shard: In a process group, share the work: rank ``r`` encodes images ``r, r + W, ...``
+            and rank 0 receives all rows in dataset order (the others get empty tensors). Every
+            rank must make the call.
 
     Returns:
         ``(features [N, D] float32 on the CPU, labels [N] int64)``.
     """
     device = resolve_device(device)
-    world = world_size()
-    shard = dataset if world == 1 else Subset(dataset, range(rank(), len(dataset), world))
-    loader = build_loader(shard, batch_size, num_workers, shuffle=False, drop_last=False)
+    world = world_size() if shard else 1
+    part = dataset if world == 1 else Subset(dataset, range(rank(), len(dataset), world))
+    loader = build_loader(part, batch_size, num_workers, shuffle=False, drop_last=False)
     was_training = encoder.training if encoder is not None else False
     if encoder is not None:
         encoder.eval().to(device)
@@ -133,7 +135,9 @@ def extract_features(
         if encoder is not None:
             encoder.train(was_training)
     if world > 1:
-        return gather_rows(torch.cat(features), torch.cat(labels), torch.cat(indices))
+        if not features:  # this rank's share is empty or unreadable
+            features, labels, indices = [torch.empty(0, 0)], [torch.empty(0)], [torch.empty(0)]
+        return gather_rows_to_zero(torch.cat(features), torch.cat(labels), torch.cat(indices))
     return torch.cat(features), torch.cat(labels).long()
 
 
@@ -243,10 +247,10 @@ def _read_cache(path: Path, key: FeatureKey) -> tuple[torch.Tensor, torch.Tensor
         return None
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+        if stored.get("key") != dataclasses.asdict(key):
+            return None
+    except Exception as err:  # noqa: BLE001 - any unreadable file means: extract again
         log.warning("ignoring unreadable feature cache %s: %s", path, err)
-        return None
-    if stored.get("key") != dataclasses.asdict(key):
         return None
     log.info("features from cache %s", path)
     return stored["features"], stored["labels"]
@@ -261,6 +265,7 @@ def cached_features(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_features` through an on-disk cache in ``cache_dir`` (``None``: no cache).
 
@@ -268,19 +273,21 @@ def cached_features(
     ``key.pooling`` and ``key.layer`` select the pooling. A stored file whose key differs (a hash
     collision, or a file from elsewhere) is ignored and overwritten.
 
-    Under several processes rank 0 alone reads and writes the cache; on a hit it sends the
-    features to the other ranks, on a miss all ranks share the extraction.
+    With ``shard`` in a process group (every rank calls), rank 0 alone reads and writes the cache
+    and receives the features; on a miss all ranks share the extraction (``extract_features``'s
+    ``shard``); the other ranks get empty tensors.
 
     Returns:
         ``(features [N, D] float32 CPU, labels [N] int64)``, identical to a fresh extraction.
     """
+    sharded = shard and world_size() > 1
     path = cache_dir / key.filename() if cache_dir is not None else None
     stored = _read_cache(path, key) if path is not None and rank() == 0 else None
-    if world_size() > 1:
+    if sharded:
         hit = [stored is not None]
         dist.broadcast_object_list(hit, src=0)
-        if hit[0]:
-            return broadcast_rows(*(stored or (None, None)))
+        if hit[0] and rank() != 0:
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     if stored is not None:
         return stored
     features, labels = extract_features(
@@ -293,6 +300,7 @@ def cached_features(
         num_workers=num_workers,
         progress=progress,
         desc=f"{key.split} features",
+        shard=sharded,
     )
     if path is not None and rank() == 0:
         payload = {"key": dataclasses.asdict(key), "features": features, "labels": labels}

@@ -9,7 +9,8 @@ The search is exact (float32 similarities when the features are float32). On CPU
 block (16 MiB) stays in cache for its top-k, and the per-tile winners are merged. Measured at
 k=20: 1.3x faster than the whole bank per block on cached 192-d features, 1.4x on a
 200k x 384 bank; at k=200 tiling was slower, so larger k search the whole bank per block
-(docs/performance.md).
+(docs/performance.md). Of bank rows with exactly equal similarity, which are kept is arbitrary
+and can depend on the tiling (as in any top-k).
 """
 
 from __future__ import annotations
@@ -41,14 +42,20 @@ def _tile_rows(n_bank: int, k: int, device: torch.device) -> int:
     return _CPU_TILE if tiled else n_bank
 
 
-def _chunk_size(tile: int, n_bank: int, device: torch.device, itemsize: int) -> int:
-    """Number of queries whose ``[chunk, tile]`` similarity block fits the memory budget."""
+def _chunk_size(tile: int, n_bank: int, k: int, device: torch.device, itemsize: int) -> int:
+    """Number of queries whose ``[chunk, tile]`` similarity block fits its budget and whose
+    per-tile winners (values and indices of every tile, concatenated) fit the memory budget."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * _CUDA_FREE_FRACTION)
+        budget = block_budget = int(free * _CUDA_FREE_FRACTION)
     else:
-        budget = _CPU_TILE_BUDGET if tile < n_bank else _CPU_SIMILARITY_BUDGET
-    return max(1, budget // (tile * itemsize))
+        budget = _CPU_SIMILARITY_BUDGET
+        block_budget = _CPU_TILE_BUDGET if tile < n_bank else budget
+    chunk = block_budget // (tile * itemsize)
+    n_tiles = -(-n_bank // tile)
+    if n_tiles > 1:
+        chunk = min(chunk, budget // (2 * n_tiles * min(k, tile) * (itemsize + 8)))
+    return max(1, chunk)
 
 
 def _topk_similar(
@@ -111,7 +118,7 @@ def _iter_votes(
     k_max = max(ks)
     tile = tile_rows or _tile_rows(bank.shape[0], k_max, bank.device)
     if chunk_size is None:
-        chunk_size = _chunk_size(tile, bank.shape[0], bank.device, bank.element_size())
+        chunk_size = _chunk_size(tile, bank.shape[0], k_max, bank.device, bank.element_size())
     for start in range(0, test_x.shape[0], chunk_size):
         queries = test_x[start : start + chunk_size].to(device=bank.device, dtype=bank.dtype)
         sim, idx = _topk_similar(F.normalize(queries, dim=1), bank, k_max, tile)
@@ -144,8 +151,8 @@ def knn_votes(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         num_classes: Number of vote columns; defaults to ``max(train_y) + 1``.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU for ``k <= 64`` and
-            banks of two such tiles or more, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
+            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
 
     Returns:
         Votes ``[M, num_classes]`` on ``train_x``'s device.
@@ -183,8 +190,8 @@ def knn_predict(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         ks: Additional numbers of neighbours evaluated in the same pass.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU for ``k <= 64`` and
-            banks of two such tiles or more, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
+            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
 
     Returns:
         ``{k: predictions [M] (int64, on train_x's device)}`` for each distinct k.
@@ -227,8 +234,8 @@ def knn_accuracy(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         ks: More numbers of neighbours evaluated in the same pass, e.g. ``(10, 20, 100, 200)``.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU for ``k <= 64`` and
-            banks of two such tiles or more, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
+            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
 
     Returns:
         ``{"top1": acc at k, "top1@k<k>": acc for k and each value of ks}``.
