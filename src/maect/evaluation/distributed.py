@@ -15,16 +15,22 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per rank) from all ranks."""
+def _padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``x`` zero-padded to the longest rank's row count, and every rank's row count."""
     count = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.empty_like(count) for _ in range(world_size())]
     dist.all_gather(counts, count)
     sizes = [int(c) for c in counts]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
+    return padded, sizes
+
+
+def _all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per rank) from all ranks."""
+    padded, sizes = _padded(x)
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
+    dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
@@ -102,12 +108,7 @@ def gather_rows_to_zero(
 def _gather_varlen_to_zero(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (``[n_r, ...]``, ``n_r`` may differ per rank) on rank 0; ``x[:0]`` on
     the other ranks."""
-    count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.empty_like(count) for _ in range(world_size())]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
+    padded, sizes = _padded(x)
     parts = [torch.empty_like(padded) for _ in sizes] if rank() == 0 else None
     dist.gather(padded, parts, dst=0)
     if rank() != 0:
