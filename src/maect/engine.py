@@ -281,4 +281,5 @@ def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
     trainer = fit_module(cfg, module, dataset, run_dir, callbacks, dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(module.export_encoder(), run_dir / "encoder.pt")
+    trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
     return run_dir

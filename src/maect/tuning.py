@@ -67,6 +67,7 @@ def tune(
             trainer = fit_module(head.cfg, head, dataset, run_dir / "head", [], dev_run)
             if trainer.is_global_zero and not dev_run:
                 atomic_save(head.head_state(), head_file)
+            trainer.strategy.barrier("head.pt")  # a resumed stage 3 on any rank reads it
             head_state = head.head_state()
         else:
             head_state = torch.load(head_file, map_location="cpu", weights_only=True)
@@ -78,4 +79,5 @@ def tune(
     trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(tuning.export_encoder(), run_dir / "encoder.pt")
+    trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
     return run_dir
