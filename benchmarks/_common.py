@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,6 +20,7 @@ from maect.pipeline import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+T = TypeVar("T")
 
 
 class LossModule(Protocol):
@@ -76,6 +77,15 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()`` and its wall time, synchronising ``device`` before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def step_times(

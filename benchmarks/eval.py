@@ -41,15 +41,13 @@ import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import append_rows, command_line, device_name, git_commit, load_average, synchronize
+from _common import append_rows, command_line, device_name, git_commit, load_average, timed
 from knn import load_features
 from lightly.utils.benchmarking.knn import knn_predict as lightly_knn_predict
 from sklearn.cluster import KMeans
@@ -71,7 +69,6 @@ HEADER = (
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 LIGHTLY_CHUNK = 512
-T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -118,15 +115,6 @@ def synthetic_bank(n: int, queries: int, dim: int, classes: int, seed: int = 0) 
         x += 3.0 * torch.randn(size, dim, generator=gen)
         parts += [x, y]
     return Bank("synthetic", *parts)
-
-
-def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
-    """``fn()`` and its wall time, synchronising ``device`` before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def versus(rows: list[Row], baseline: Row) -> list[Row]:

@@ -15,23 +15,17 @@ uniform vote is reported as well. Measures, never asserts.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
-from _common import git_commit
+from _common import BENCHMARKS_MD, append_rows, command_line, git_commit, load_average, timed
 from sklearn.neighbors import KNeighborsClassifier
 
 from maect.data.datasets import DataNotFoundError, load_fashion_mnist, normalization_stats
 from maect.evaluation.knn import knn_accuracy
 from maect.pipeline import cpu_name
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "### k-NN: maect vs scikit-learn brute force (`benchmarks/knn.py`)"
 HEADER = (
     "| date | commit | CPU | threads | load avg | device | bank x queries x dim | k | maect s "
@@ -60,33 +54,10 @@ def load_features(n_train: int, n_test: int) -> tuple[str, tuple[torch.Tensor, .
         return "synthetic (fashion-mnist not found)", tuple(splits)
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def sklearn_top1(train_x, train_y, test_x, test_y, k: int, weights) -> float:
     clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine", weights=weights)
     clf.fit(train_x.numpy(), train_y.numpy())
     return 100.0 * float((clf.predict(test_x.numpy()) == test_y.numpy()).mean())
-
-
-def append_row(row: str) -> None:
-    """Insert ``row`` at the end of the k-NN table of ``docs/benchmarks.md`` (created if needed)."""
-    lines = DOC.read_text().splitlines() if DOC.is_file() else ["# Benchmarks"]
-    if SECTION not in lines:
-        lines += ["", SECTION, "", *HEADER.splitlines()]
-    start = lines.index(SECTION)
-    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
-    last_row = max(i for i in range(start + 1, stop) if lines[i].startswith("|"))
-    lines.insert(last_row + 1, row)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -104,13 +75,18 @@ def main() -> None:
     dev = torch.device(args.device)
     on_dev = [t.to(dev) for t in (train_x, train_y, test_x)]
     knn_accuracy(*[t[:100] for t in on_dev[:2]], on_dev[2][:10], test_y[:10], k, temp)  # warm-up
-    ours, t_ours = timed(lambda: knn_accuracy(*on_dev, test_y, k, temp)["top1"])
+    ours, t_ours = timed(lambda: knn_accuracy(*on_dev, test_y, k, temp)["top1"], dev)
 
     def vote(distances: np.ndarray) -> np.ndarray:
         return np.exp((1.0 - distances) / temp)
 
-    weighted, t_sklearn = timed(lambda: sklearn_top1(train_x, train_y, test_x, test_y, k, vote))
-    uniform, t_uniform = timed(lambda: sklearn_top1(train_x, train_y, test_x, test_y, k, "uniform"))
+    cpu = torch.device("cpu")
+    weighted, t_sklearn = timed(
+        lambda: sklearn_top1(train_x, train_y, test_x, test_y, k, vote), cpu
+    )
+    uniform, t_uniform = timed(
+        lambda: sklearn_top1(train_x, train_y, test_x, test_y, k, "uniform"), cpu
+    )
 
     shape = f"{len(train_x)} x {len(test_x)} x {train_x.shape[1]}"
     print(f"features: {source}, {shape}; k={k}, T={temp}; {torch.get_num_threads()} threads")
@@ -125,15 +101,14 @@ def main() -> None:
     print(f"speed-up of maect over sklearn (same vote): {t_sklearn / t_ours:.1f}x")
     print(f"top-1 difference, same vote: {abs(ours - weighted):.3f} points")
     if args.append:
-        command = " ".join(["python benchmarks/knn.py", *sys.argv[1:]])
         row = (
             f"| {date.today()} | {git_commit()} | {cpu_name()} | {torch.get_num_threads()} "
-            f"| {os.getloadavg()[0]:.1f} | {dev} | {shape} | {k} | {t_ours:.2f} | {t_sklearn:.2f} "
+            f"| {load_average():.1f} | {dev} | {shape} | {k} | {t_ours:.2f} | {t_sklearn:.2f} "
             f"| {t_sklearn / t_ours:.1f}x | {ours:.2f} / {weighted:.2f} / {uniform:.2f} "
-            f"| `{command}` |"
+            f"| `{command_line()}` |"
         )
-        append_row(row)
-        print(f"appended to {DOC}")
+        append_rows(SECTION, HEADER, [row])
+        print(f"appended to {BENCHMARKS_MD}")
 
 
 if __name__ == "__main__":
