@@ -54,7 +54,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import date
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,20 +120,7 @@ class LightlyMAE(nn.Module):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         m = cfg.model
-        vit = VisionTransformer(
-            img_size=m.img_size,
-            patch_size=m.patch_size,
-            in_chans=m.in_chans,
-            num_classes=0,
-            embed_dim=m.embed_dim,
-            depth=m.depth,
-            num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio,
-            qkv_bias=True,
-            class_token=True,
-            global_pool="token",
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        )
+        vit = VisionTransformer(**arch_from_config(cfg).timm_kwargs())  # plain timm, our shape
         self.encoder = MaskedVisionTransformerTIMM(vit=vit)
         self.decoder_embed = nn.Linear(m.embed_dim, m.decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(

@@ -29,6 +29,24 @@ class ViTArch:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
 
+    def timm_kwargs(self) -> dict:
+        """Arguments of ``timm.models.VisionTransformer`` for this encoder (MAE's: CLS token,
+        no head, LayerNorm eps 1e-6)."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "num_classes": 0,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": self.qkv_bias,
+            "class_token": True,
+            "global_pool": "token",
+            "norm_layer": partial(nn.LayerNorm, eps=1e-6),
+        }
+
     @property
     def grid_size(self) -> int:
         """Number of patches along one side."""
@@ -44,20 +62,7 @@ class MaskedViT(VisionTransformer):
     """timm ViT whose ``forward_masked`` encodes only a random subset of patches."""
 
     def __init__(self, arch: ViTArch) -> None:
-        super().__init__(
-            img_size=arch.img_size,
-            patch_size=arch.patch_size,
-            in_chans=arch.in_chans,
-            num_classes=0,
-            embed_dim=arch.embed_dim,
-            depth=arch.depth,
-            num_heads=arch.num_heads,
-            mlp_ratio=arch.mlp_ratio,
-            qkv_bias=arch.qkv_bias,
-            class_token=True,
-            global_pool="token",
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        )
+        super().__init__(**arch.timm_kwargs())
         self.arch = arch
         self.pos_embed.requires_grad_(False)
         self.initialize_mae()
