@@ -282,7 +282,8 @@ def cached_features(
     """
     sharded = shard and world_size() > 1
     path = cache_dir / key.filename() if cache_dir is not None else None
-    stored = _read_cache(path, key) if path is not None and rank() == 0 else None
+    owns_cache = path is not None and (not sharded or rank() == 0)
+    stored = _read_cache(path, key) if owns_cache else None
     if sharded:
         hit = [stored is not None]
         dist.broadcast_object_list(hit, src=0)
@@ -302,7 +303,7 @@ def cached_features(
         desc=f"{key.split} features",
         shard=sharded,
     )
-    if path is not None and rank() == 0:
+    if owns_cache:
         payload = {"key": dataclasses.asdict(key), "features": features, "labels": labels}
         with atomic_write(path) as f:
             torch.save(payload, f)
