@@ -59,8 +59,10 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=ROOT).returncode
     except OSError:
-        return "unknown"
-    return f"{commit}+dirty" if dirty else commit or "unknown"
+        commit, dirty = "", 0
+    if not commit:  # a copy without .git (a GPU machine): the caller may name the commit
+        return os.environ.get("MAECT_COMMIT", "unknown")
+    return f"{commit}+dirty" if dirty else commit
 
 
 def command_line() -> str:

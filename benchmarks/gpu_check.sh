@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU measurement the docs still list as pending, in one call under 10 minutes.
+#
+#   MAECT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh [STEP ...]
+#
+# Each step runs under its own time limit, so one that overruns costs only itself; its log goes
+# to $OUT/gpu_check.log (or /tmp/gpu_check), and the rows the benchmark scripts append to
+# docs/benchmarks.md are copied to $OUT after every step, so a call stopped at its limit keeps
+# what it measured. With no STEP every step runs; `bash benchmarks/gpu_check.sh --list` names them.
+# Needs a CUDA GPU, PyTorch, timm, Lightning and scikit-learn; lightly (the MAE peer) is taken
+# from wheels in .whl/ when it is not installed (docs/performance.md, "Measuring on a GPU").
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+# name | time limit (s) | command
+STEPS=(
+  "env|30|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv && $PY -c 'import torch, timm, lightning; print(torch.__version__, torch.version.cuda, timm.__version__, lightning.__version__)'"
+  "candidates_l16|170|$PY benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae,lightly,maect --candidates --compile --rounds 5 --append"
+  "batch256_l16|70|$PY benchmarks/train_step.py --model vit_l16 --batch 256 --cases mae,lightly --rounds 5 --append"
+  "knn_bank|90|$PY benchmarks/eval.py --device cuda --banks synthetic --tasks knn --sklearn-queries 200 --append"
+  "scale_b16|60|$PY benchmarks/train_step.py --model vit_b16 --batch 64 --scale --rounds 3 --append"
+)
+
+if [ "${1:-}" = "--list" ]; then
+  for s in "${STEPS[@]}"; do echo "${s%%|*}"; done
+  exit 0
+fi
+if ! $PY -c "import lightly" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+wanted=" $* "
+for s in "${STEPS[@]}"; do
+  name=${s%%|*}; rest=${s#*|}; limit=${rest%%|*}; cmd=${rest#*|}
+  if [ $# -gt 0 ] && [[ "$wanted" != *" $name "* ]]; then continue; fi
+  echo "== $name (limit ${limit} s): $cmd" | tee -a "$LOG"
+  start=$(date +%s)
+  timeout --kill-after=5 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  cp docs/benchmarks.md "$OUT/benchmarks.md"
+done
+# The table rows and summary lines of every step, as the reply shows only the output's end.
+grep -E '^\||^summary|^==|TFLOP/s' "$LOG" | tail -n 120
