@@ -52,7 +52,10 @@ def machine(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """Short commit hash, marked ``+dirty`` when the work tree has uncommitted changes."""
+    """Short commit hash, marked ``+dirty`` when the work tree has uncommitted changes;
+    ``MAECT_COMMIT`` when set (a copy of the tree on another machine, whose .git may be stale)."""
+    if os.environ.get("MAECT_COMMIT"):
+        return os.environ["MAECT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -60,8 +63,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=ROOT).returncode
     except OSError:
         commit, dirty = "", 0
-    if not commit:  # a copy without .git (a GPU machine): the caller may name the commit
-        return os.environ.get("MAECT_COMMIT", "unknown")
+    if not commit:
+        return "unknown"
     return f"{commit}+dirty" if dirty else commit
 
 
