@@ -36,6 +36,7 @@ def test_parse_overrides_nests_and_types():
         ("mae.mask_ratio=1.0", r"mae.mask_ratio must be in the open interval \(0, 1\)"),
         ("mae.mask_ratio=0", r"mae.mask_ratio must be in the open interval"),
         ("mae.mask_ratio=-0.1", r"mae.mask_ratio"),
+        ("mae.views=0", r"mae.views must be >= 1"),
         ("data.name=mnist", r"data.name must be one of"),
         ("method=byol", r"method must be one of"),
         ("data.crop_scale=[0.5, 0.2]", r"data.crop_scale"),
@@ -54,3 +55,8 @@ def test_config_errors_name_the_key(override, pattern):
 def test_unknown_recipe_lists_available():
     with pytest.raises(ConfigError, match=r"unknown recipe 'mae/fmnist'.*mae/fmnist_vit_t"):
         load_config("mae/fmnist")
+
+
+def test_maect_head_temperature_must_be_positive():
+    with pytest.raises(ConfigError, match="maect.head_temperature must be > 0, got 0.0"):
+        load_config("maect/fmnist_vit_t", ["maect.head_temperature=0"])

@@ -31,7 +31,7 @@ def test_nnclr_predictor_structure_and_shape() -> None:
     head = NNCLRPredictor(in_dim=16, hidden_dim=48, out_dim=16)
     assert head(torch.randn(4, 16)).shape == (4, 16)
     first, last = _layers(head, nn.Linear)
-    assert first.bias is None and last.bias is not None
+    assert first.bias is None and last.bias is None  # MAE-CT's head: no bias on either
     assert [m.num_features for m in _layers(head, nn.BatchNorm1d)] == [48]
     assert isinstance(head[-1], nn.Linear)
 

@@ -174,3 +174,66 @@ def test_init_of_another_architecture_is_refused(maect_cfg, tmp_path):
         tune(other, tmp_path / "other")
     with pytest.raises(ConfigError, match="maect.init is empty"):
         tune(load_config("maect/fmnist_vit_t", MAECT_TINY), tmp_path / "noinit")
+
+
+def test_each_stage_uses_its_own_temperature(maect_cfg, monkeypatch):
+    """Stage 2 trains at maect.head_temperature (0.15 in every official stage-2 yaml), stage 3 at
+    maect.temperature."""
+    import maect.methods.maect as maect_module
+
+    seen = []
+    real = maect_module.nnclr_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(maect_module, "nnclr_loss", spy)
+    cfg = maect_cfg("maect.temperature=0.3", "maect.head_temperature=0.15")
+    NNCLRHeadTraining(cfg, MaskedViT(arch_from_config(cfg))).compute_losses(_batch())
+    ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg))).compute_losses(_batch())
+    assert seen == [0.15, 0.3]
+
+
+def test_head_with_legacy_predictor_bias_is_refused(maect_cfg):
+    """Heads written before the predictor lost its last-layer bias cannot be loaded: as head.pt
+    (stage 3's start) nor as a checkpoint to resume."""
+    cfg = maect_cfg()
+    head = NNCLRHeadTraining(cfg, MaskedViT(arch_from_config(cfg)))
+    state = head.head_state()
+    ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg)), state)  # the current format loads
+    state["predictor"]["3.bias"] = torch.zeros(cfg.maect.proj_dim)
+    with pytest.raises(CheckpointError, match="head/head.pt holds an NNCLR predictor whose last"):
+        ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg)), state)
+    checkpoint = {"state_dict": {**head.state_dict(), "predictor.3.bias": torch.zeros(16)}}
+    with pytest.raises(CheckpointError, match="checkpoint to resume from holds an NNCLR predictor"):
+        head.on_load_checkpoint(checkpoint)
+    head.on_load_checkpoint({"state_dict": head.state_dict()})
+
+
+def test_run_directory_of_an_older_maect_is_refused(maect_cfg, tmp_path):
+    """An older run's config.yaml has no maect.head_temperature (its stage 2 used stage 3's τ and
+    a predictor with a bias): re-running it is refused naming the key, before anything loads."""
+    import yaml
+
+    cfg = maect_cfg()
+    old = cfg.to_dict()
+    del old["maect"]["head_temperature"]
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="another config.*maect.head_temperature"):
+        tune(cfg, run)
+
+
+def test_resume_from_checkpoint_with_legacy_predictor_bias_is_refused(maect_cfg, tmp_path):
+    cfg = maect_cfg()
+    run = tmp_path / "maect"
+    tune(cfg, run)
+    (run / "encoder.pt").unlink()
+    last = run / "tune/checkpoints/last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["state_dict"]["predictor.3.bias"] = torch.zeros(cfg.maect.proj_dim)
+    torch.save(ckpt, last)
+    with pytest.raises(CheckpointError, match="checkpoint to resume from holds an NNCLR predictor"):
+        tune(cfg, run)

@@ -111,3 +111,25 @@ def test_compile_blocks_counts_encoder_and_decoder_blocks(tiny_cfg):
     module = METHOD_CLASSES["mae"](cfg)
     expected = cfg.model.depth + cfg.model.decoder_depth
     assert compile_blocks(module) == expected
+
+
+def test_mae_views_are_independent_crops_in_one_batch(tiny_cfg):
+    """mae.views=2 (MAE-CT's stage 1): two independently cropped views per image, reconstructed
+    as one batch of 2B, and the lr counts both (base_lr x 2 x batch / 256)."""
+    cfg = tiny_cfg("mae.views=2", "data.crop_scale=[0.2,0.5]")
+    module = MAE(cfg)
+    assert module.lr_views == 2 and MAE(tiny_cfg()).lr_views == 1
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    view0, view1 = module.train_transform()(image)
+    assert view0.shape == view1.shape == (1, 28, 28) and not torch.equal(view0, view1)
+
+    views = [torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)]
+    torch.manual_seed(3)
+    loss = module.compute_losses({"image": views, "label": torch.zeros(4)})["loss"]
+    torch.manual_seed(3)
+    joint = module.compute_losses({"image": torch.cat(views), "label": torch.zeros(8)})["loss"]
+    assert torch.equal(loss, joint)
+
+
+def test_fast_dev_run_with_two_mae_views(tiny_cfg, tmp_path):
+    pretrain(tiny_cfg("mae.views=2"), tmp_path / "dev", dev_run=1)

@@ -105,10 +105,13 @@ class TrainerConfig:
 
 @dataclass
 class MAEConfig:
-    """Masked autoencoder objective."""
+    """Masked autoencoder objective. ``views`` augmented views of each image are masked and
+    reconstructed independently (MAE-CT's stage-1 recipes use 2); the lr scales with
+    ``views x global batch``."""
 
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    views: int = 1
 
 
 @dataclass
@@ -145,8 +148,9 @@ class CANConfig:
 @dataclass
 class MAECTConfig:
     """MAE-CT contrastive tuning (Lehner et al. 2023): stage 2 trains an NNCLR head on the frozen
-    encoder for ``head_epochs``; stage 3 tunes the top blocks for ``trainer.epochs`` with
-    ``optim`` (lr per block x ``layer_decay`` ** (depth - j))."""
+    encoder for ``head_epochs`` at temperature ``head_temperature``; stage 3 tunes the top blocks
+    for ``trainer.epochs`` with ``optim`` (lr per block x ``layer_decay`` ** (depth - j)) at
+    ``temperature``."""
 
     init: str = ""
     views: str = "min"
@@ -167,6 +171,7 @@ class MAECTConfig:
     head_warmup_epochs: float = 4.0
     tune_head_base_lr: float = 1.0e-4
     tune_head_weight_decay: float = 1.0e-5
+    head_temperature: float = 0.15
 
 
 @dataclass
@@ -370,6 +375,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "mae.mask_ratio",
         f"must be in the open interval (0, 1), got {cfg.mae.mask_ratio}",
     )
+    _require(cfg.mae.views >= 1, "mae.views", f"must be >= 1, got {cfg.mae.views}")
     validate_method_sections(cfg)
     _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
@@ -457,6 +463,11 @@ def validate_method_sections(cfg: RunConfig) -> None:
             t.queue_size >= t.topk, "maect.queue_size", f"must be >= maect.topk, got {t.queue_size}"
         )
         _require(t.temperature > 0, "maect.temperature", f"must be > 0, got {t.temperature}")
+        _require(
+            t.head_temperature > 0,
+            "maect.head_temperature",
+            f"must be > 0, got {t.head_temperature}",
+        )
         for key in ("target_ema", "encoder_ema"):
             value = getattr(t, key)
             _require(0.0 <= value < 1.0, f"maect.{key}", f"must be in [0, 1), got {value}")

@@ -155,10 +155,13 @@ class PretrainMethod(LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         return self.cfg.data.batch_size * self.trainer.world_size * accumulate
 
+    lr_views = 1  # views per image counted by the lr scaling (MAE-CT counts both of its views)
+
     @property
     def peak_lr(self) -> float:
-        """``base_lr * global_batch / 256`` (the linear scaling rule of MAE, MAE-CT and CAN)."""
-        return self.cfg.optim.base_lr * self.global_batch_size / 256
+        """``base_lr * lr_views * global_batch / 256`` (the linear scaling rule of MAE, MAE-CT
+        and CAN; MAE-CT's code counts every view as a sample)."""
+        return self.cfg.optim.base_lr * self.lr_views * self.global_batch_size / 256
 
     def configure_optimizers(self):
         optim = self.cfg.optim

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from maect.config import RunConfig
+from maect.data.transforms import MultiView
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.models.autoencoder import MaskedAutoencoder
 from maect.models.decoder import MAEDecoder
@@ -27,15 +30,27 @@ def build_autoencoder(cfg: RunConfig, encoder: MaskedViT, norm_pix_loss: bool) -
 
 
 class MAE(PretrainMethod):
-    """Reconstruct the masked patches of one view from its visible ones."""
+    """Reconstruct the masked patches of each view from its visible ones. With ``mae.views > 1``
+    every image gives that many independently cropped and masked views, all in one batch, and the
+    lr counts them (MAE-CT's stage 1)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         encoder = build_encoder(arch_from_config(cfg))
         super().__init__(cfg, encoder)
         self.autoencoder = build_autoencoder(cfg, encoder, cfg.mae.norm_pix_loss)
 
+    @property
+    def lr_views(self) -> int:
+        return self.cfg.mae.views
+
+    def train_transform(self) -> Callable:
+        view = super().train_transform()
+        return view if self.cfg.mae.views == 1 else MultiView(*[view] * self.cfg.mae.views)
+
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
+        if isinstance(images, list | tuple):  # mae.views > 1: one batch of all views
+            images = torch.cat(images)
         out = self.autoencoder(images, self.cfg.mae.mask_ratio)
         return {"loss": self.autoencoder.reconstruction_loss(out, images)}
 

@@ -9,11 +9,13 @@ loss in either stage. Both stages share the NNCLR step of :class:`NNCLRMethod`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from maect.checkpoints import CheckpointError
 from maect.config import ConfigError, RunConfig
 from maect.data.datasets import normalization_stats
 from maect.data.transforms import view_pair
@@ -28,6 +30,9 @@ from maect.models.pooling import pool_tokens
 from maect.models.vit import MaskedViT
 
 HEAD_KEYS = ("projector", "predictor", "queue")
+# The bias of the predictor's last Linear, which heads written before maect matched the official
+# (bias-free) predictor carry.
+LEGACY_PREDICTOR_BIAS = "3.bias"
 
 
 def frozen_block_count(cfg: RunConfig) -> int:
@@ -37,7 +42,8 @@ def frozen_block_count(cfg: RunConfig) -> int:
 
 
 def head_stage_config(cfg: RunConfig) -> RunConfig:
-    """Stage-2 settings: the head's lr, weight decay, warmup and epochs replace ``optim``."""
+    """Stage-2 settings: the head's lr, weight decay, warmup and epochs replace ``optim``'s, and
+    ``maect.head_temperature`` replaces stage 3's ``maect.temperature``."""
     t = cfg.maect
     optim = dataclasses.replace(
         cfg.optim,
@@ -46,7 +52,19 @@ def head_stage_config(cfg: RunConfig) -> RunConfig:
         warmup_epochs=t.head_warmup_epochs,
     )
     trainer = dataclasses.replace(cfg.trainer, epochs=max(1, t.head_epochs))
-    return dataclasses.replace(cfg, optim=optim, trainer=trainer)
+    maect = dataclasses.replace(t, temperature=t.head_temperature)
+    return dataclasses.replace(cfg, optim=optim, trainer=trainer, maect=maect)
+
+
+def refuse_legacy_predictor(predictor_state: Mapping[str, Any], source: str) -> None:
+    """Raise :class:`CheckpointError` if ``predictor_state`` holds the last-layer bias of the
+    predictor that maect used before it matched the official head."""
+    if LEGACY_PREDICTOR_BIAS in predictor_state:
+        raise CheckpointError(
+            f"{source} holds an NNCLR predictor whose last layer has a bias (written by an older "
+            "maect; the official MAE-CT head has none, nor does this one): train the head again "
+            "in a new out= directory"
+        )
 
 
 class NNCLRMethod(PretrainMethod):
@@ -92,6 +110,13 @@ class NNCLRMethod(PretrainMethod):
                 f"{self.trainer.world_size} devices)"
             )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefix = "predictor."
+        state = checkpoint["state_dict"]
+        predictor = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        refuse_legacy_predictor(predictor, "the checkpoint to resume from")
+        super().on_load_checkpoint(checkpoint)
+
     def on_train_start(self) -> None:
         # after a resume the restored queue may already hold real samples only
         self._entries_written = int((self.queue.ids >= 0).sum())
@@ -118,10 +143,6 @@ class NNCLRMethod(PretrainMethod):
         self.queue.update(gather_no_grad(targets[0]), global_ids, gather_no_grad(labels))
         self._entries_written += len(global_ids)
         return losses
-
-    @property
-    def peak_lr(self) -> float:
-        return self.cfg.optim.base_lr * self.global_batch_size * self.lr_views / 256
 
 
 class NNCLRHeadTraining(NNCLRMethod):
@@ -157,6 +178,7 @@ class ContrastiveTuning(NNCLRMethod):
         self.topk = cfg.maect.topk
         self.frozen_blocks = frozen_block_count(cfg)
         if head_state is not None:
+            refuse_legacy_predictor(head_state["predictor"], "head/head.pt")
             for key in HEAD_KEYS:
                 getattr(self, key).load_state_dict(head_state[key])
         self.target_projector = frozen_copy(self.projector)

@@ -29,7 +29,8 @@ class NNCLRProjector(nn.Sequential):
 
 
 class NNCLRPredictor(nn.Sequential):
-    """NNCLR predictor: Linear(no bias)–BN–ReLU–Linear(with bias).
+    """NNCLR predictor: Linear(no bias)–BN–ReLU–Linear(no bias), as MAE-CT's official head (the
+    NNCLR paper's last layer has a bias; MAE-CT drops it).
 
     Args:
         in_dim: Input width (the projector's output).
@@ -42,7 +43,7 @@ class NNCLRPredictor(nn.Sequential):
             nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(hidden_dim, out_dim, bias=False),
         )
 
 
