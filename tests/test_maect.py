@@ -115,9 +115,27 @@ def test_layer_wise_learning_rates(maect_cfg):
     head_scale = cfg.maect.tune_head_base_lr / cfg.optim.base_lr
     w = module.projector[0].weight
     assert scale_of[id(w)] == (pytest.approx(head_scale), cfg.maect.tune_head_weight_decay)
-    assert id(enc.cls_token) not in scale_of and id(enc.patch_embed.proj.weight) not in scale_of
+    # no frozen block: the stem trains too (the official VitBlockFreezer freezes it with block 0)
+    stem_scale = 0.5 ** (depth + 1)
+    assert scale_of[id(enc.patch_embed.proj.weight)] == (stem_scale, cfg.optim.weight_decay)
+    assert scale_of[id(enc.patch_embed.proj.bias)] == (stem_scale, 0.0)
+    assert scale_of[id(enc.cls_token)][0] == stem_scale
+    assert not enc.pos_embed.requires_grad
     for p in [*module.target_projector.parameters(), *module.ema_encoder.parameters()]:
         assert id(p) not in scale_of
+
+
+def test_stage3_without_frozen_blocks_trains_the_stem(maect_cfg):
+    """models/vit: forward_partially_frozen keeps autograd for the embedding when no block is
+    frozen; ContrastiveTuning then trains patch embedding and CLS token like the blocks."""
+    cfg = maect_cfg("maect.frozen_blocks=0")
+    module = ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg)))
+    enc = module.encoder
+    stem = {"patch": enc.patch_embed.proj.weight.clone(), "cls": enc.cls_token.clone()}
+    _steps(module, 3)
+    assert not torch.equal(enc.patch_embed.proj.weight, stem["patch"])
+    assert not torch.equal(enc.cls_token, stem["cls"])
+    assert enc.patch_embed.training and enc.blocks[0].training
 
 
 def test_ema_update_math():

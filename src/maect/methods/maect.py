@@ -170,8 +170,9 @@ class NNCLRHeadTraining(NNCLRMethod):
 
 
 class ContrastiveTuning(NNCLRMethod):
-    """Stage 3: the top blocks, the final norm and the head train; embeddings and the bottom
-    ``frozen_blocks`` blocks stay frozen (no activations stored) and in eval mode."""
+    """Stage 3: the top blocks, the final norm and the head train; the bottom ``frozen_blocks``
+    blocks and, if there are any, the patch embedding and CLS token stay frozen (no activations
+    stored) and in eval mode."""
 
     def __init__(self, cfg: RunConfig, encoder: MaskedViT, head_state: dict | None = None) -> None:
         super().__init__(cfg, encoder)
@@ -183,13 +184,16 @@ class ContrastiveTuning(NNCLRMethod):
                 getattr(self, key).load_state_dict(head_state[key])
         self.target_projector = frozen_copy(self.projector)
         self.ema_encoder = frozen_copy(encoder) if cfg.maect.encoder_ema > 0 else None
-        self.encoder.cls_token.requires_grad_(False)
+        self.encoder.cls_token.requires_grad_(self.frozen_blocks == 0)
         for module in self.frozen_modules():
             module.requires_grad_(False)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        """Patch embedding and the bottom blocks (CLS token and positions are frozen too)."""
-        return [self.encoder.patch_embed, *self.encoder.blocks[: self.frozen_blocks]]
+        """The bottom ``frozen_blocks`` blocks and, with them, the patch embedding (the CLS token
+        too): the stem is frozen with block 0, as the official ``VitBlockFreezer`` does, so with
+        ``frozen_blocks=0`` the whole encoder trains. The positions are a fixed table."""
+        stem = [self.encoder.patch_embed] if self.frozen_blocks > 0 else []
+        return [*stem, *self.encoder.blocks[: self.frozen_blocks]]
 
     def train(self, mode: bool = True) -> ContrastiveTuning:
         super().train(mode)

@@ -91,9 +91,10 @@ class MaskedViT(VisionTransformer):
         return x, masking
 
     def forward_partially_frozen(self, images: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
-        """``forward_features`` with the embedding and the first ``frozen_blocks`` blocks run
-        without autograd (no activations stored for them). Returns normed ``[B, 1 + N, D]``."""
-        with torch.no_grad():
+        """``forward_features`` with the first ``frozen_blocks`` blocks and, if there are any, the
+        embedding run without autograd (no activations stored for them). Returns normed
+        ``[B, 1 + N, D]``."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks == 0):
             x = self.norm_pre(self._pos_embed(self.patch_embed(images)))
             for block in self.blocks[:frozen_blocks]:
                 x = block(x)
