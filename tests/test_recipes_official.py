@@ -560,3 +560,23 @@ def test_views_match_official_transforms(recipe, expected):
     assert [_ops(view) for view in pair.views] == list(expected)
     views = pair(torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8))
     assert [tuple(v.shape) for v in views] == [(3, 224, 224), (3, 224, 224)]
+
+
+def test_weight_decay_split_matches_timm_add_weight_decay():
+    """facebookresearch/mae ``main_pretrain.py`` (``optim_factory.add_weight_decay`` of timm
+    0.3.2) and MAE-CT's ``optimizers/optimizer_wrapper.py`` (``exclude_bias_from_wd``,
+    ``exclude_norm_from_wd``) exempt only biases and 1-D parameters: the CLS and mask tokens are
+    decayed. timm's ``param_groups_weight_decay`` keeps that rule and is the reference here."""
+    from timm.optim import param_groups_weight_decay
+
+    from tests.conftest import TINY_OVERRIDES
+
+    module = MAE(load_config("mae/maect_stage1_b16", [*TINY_OVERRIDES, "model.img_size=32"]))
+    groups = module.param_groups()
+    ours = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    reference = param_groups_weight_decay(module, weight_decay=0.05)
+    theirs = {id(p) for g in reference if g["weight_decay"] == 0 for p in g["params"]}
+    assert ours == theirs
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert id(module.encoder.cls_token) in decayed
+    assert id(module.autoencoder.decoder.mask_token) in decayed

@@ -16,8 +16,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights, tokens and position embeddings get no weight decay."""
-    return param.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed"))
+    """Biases and other 1-D parameters (norm weights) get no weight decay; the CLS and mask tokens
+    do, as in facebookresearch/mae (timm's ``add_weight_decay``), its CAN port and MAE-CT's
+    ``OptimizerWrapper``. (The fixed position embeddings are not trained.)"""
+    return param.ndim <= 1 or name.endswith(".bias")
 
 
 def decay_groups(
