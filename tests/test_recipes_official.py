@@ -20,16 +20,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from maect.config import RunConfig, load_config
 from maect.data.transforms import view_pair
-from maect.methods.base import PretrainMethod
+from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.mae import MAE
-from maect.methods.maect import NNCLRMethod, head_stage_config
+from maect.methods.maect import (
+    ContrastiveTuning,
+    NNCLRHeadTraining,
+    NNCLRMethod,
+    head_stage_config,
+)
 from maect.models.heads import NNCLRPredictor, NNCLRProjector
+from maect.models.vit import MaskedViT
+from tests.conftest import TINY_OVERRIDES
 
 MAECT_COMMIT = "6c82cb6ff79365e795672ea18a9051232ce53c24"
 MAE_COMMIT = "efb2a8062c206524e35e47d04501ed4f544c0ae8"
@@ -567,10 +575,6 @@ def test_weight_decay_split_matches_timm_add_weight_decay():
     0.3.2) and MAE-CT's ``optimizers/optimizer_wrapper.py`` (``exclude_bias_from_wd``,
     ``exclude_norm_from_wd``) exempt only biases and 1-D parameters: the CLS and mask tokens are
     decayed. timm's ``param_groups_weight_decay`` keeps that rule and is the reference here."""
-    from timm.optim import param_groups_weight_decay
-
-    from tests.conftest import TINY_OVERRIDES
-
     module = MAE(load_config("mae/maect_stage1_b16", [*TINY_OVERRIDES, "model.img_size=32"]))
     groups = module.param_groups()
     ours = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -580,3 +584,15 @@ def test_weight_decay_split_matches_timm_add_weight_decay():
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
     assert id(module.encoder.cls_token) in decayed
     assert id(module.autoencoder.decoder.mask_token) in decayed
+
+
+def test_neighbour_pick_per_stage():
+    """Stage 2's ``contrastive_heads.nnclr_head`` has no ``topk`` in the yamls, so
+    ``find_nn`` takes the exact nearest entry (``models/contrastive_heads/nnclr_head.py``, topk 0);
+    stage 3's ``nnclr_ema_queue_head`` draws uniformly among the yaml's ``topk`` (20 here)."""
+    small = ["model.img_size=32", "maect.queue_size=64", "maect.frozen_blocks=1"]
+    small += ["maect.proj_hidden_dim=8", "maect.pred_hidden_dim=8", "maect.proj_dim=4"]
+    cfg = load_config("maect/in1k_vit_l16", [*TINY_OVERRIDES, *small])
+    assert cfg.maect.topk == 20
+    assert NNCLRHeadTraining(cfg, MaskedViT(arch_from_config(cfg))).topk == 1
+    assert ContrastiveTuning(cfg, MaskedViT(arch_from_config(cfg))).topk == 20
