@@ -158,14 +158,14 @@ def test_pixels_baseline(tmp_path):
 
 
 def test_unlabeled_split_is_a_config_error(tmp_path, monkeypatch):
-    from maect.evaluation import command
+    from maect.evaluation import splits
 
     def unlabeled(*args, **kwargs):
         dataset = make_synthetic(64, True)
         dataset.labels[::2] = -1
         return dataset
 
-    monkeypatch.setattr(command, "build_dataset", unlabeled)
+    monkeypatch.setattr(splits, "build_dataset", unlabeled)
     items = ["data=synthetic", f"out={tmp_path / 'px'}", "protocols=knn", "plot=false"]
     with pytest.raises(ConfigError, match="32 of 64 train images have no label"):
         evaluate("pixels", load_eval_config([*items, *QUICK]))
@@ -244,7 +244,7 @@ def test_build_monitor(tiny_cfg):
 def test_embedding_plot_legend_names_classes(tmp_path, monkeypatch, classes, legend):
     from matplotlib.figure import Figure
 
-    from maect.evaluation.command import save_embedding_plot
+    from maect.evaluation.plots import save_embedding_plot
 
     saved = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig))

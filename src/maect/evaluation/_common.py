@@ -1,8 +1,10 @@
-"""Input validation, accuracy and stratified sampling shared by the evaluation protocols."""
+"""Input validation, accuracy, stratified sampling and timing shared by the evaluation protocols."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +89,15 @@ def stratified_subset(y: torch.Tensor, size: Callable[[int], int], seed: int) ->
     rank = torch.arange(y.numel()) - starts
     sizes = torch.tensor([size(int(c)) for c in counts]).repeat_interleave(counts)
     return order[rank < sizes].sort().values
+
+
+def timed(timing: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, its wall seconds (GPU work included) stored in ``timing[name]``."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timing[name] = round(time.perf_counter() - start, 3)
+    return result
