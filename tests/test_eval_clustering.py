@@ -4,7 +4,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
-from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+from sklearn.metrics import (
+    adjusted_mutual_info_score,
+    adjusted_rand_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
 from sklearn.metrics import normalized_mutual_info_score as sk_nmi
 
 from maect.evaluation import ami, ari, cluster_accuracy, clustering_scores, kmeans, nmi
@@ -136,10 +141,12 @@ def test_kmeans_handles_duplicate_points_and_validates_k():
 def test_clustering_scores_on_blobs(separated_blobs):
     x, y = separated_blobs
     scores = clustering_scores(x, y, seed=0)
-    assert set(scores) == {"acc", "nmi", "ami", "ari"}
-    for value in scores.values():
-        assert isinstance(value, float)
-        assert value == pytest.approx(100.0)
+    assert set(scores) == {"acc", "nmi", "ami", "ari", "silhouette", "davies_bouldin"}
+    for key in ("acc", "nmi", "ami", "ari"):
+        assert isinstance(scores[key], float)
+        assert scores[key] == pytest.approx(100.0)
+    # Separated blobs (after L2 normalisation): high silhouette, low Davies-Bouldin.
+    assert scores["silhouette"] > 0.8 and 0 <= scores["davies_bouldin"] < 0.3
 
 
 def test_clustering_scores_are_percent_of_metrics():
@@ -153,3 +160,21 @@ def test_clustering_scores_are_percent_of_metrics():
     assert scores["nmi"] == pytest.approx(100 * sk_nmi(y, labels.numpy()))
     assert scores["ami"] == pytest.approx(100 * adjusted_mutual_info_score(y, labels.numpy()))
     assert scores["ari"] == pytest.approx(100 * adjusted_rand_score(y, labels.numpy()))
+    # Silhouette and Davies-Bouldin score the k-means assignment on the clustered features.
+    assert scores["silhouette"] == pytest.approx(silhouette_score(xn, labels.numpy()), rel=1e-5)
+    assert scores["davies_bouldin"] == pytest.approx(
+        davies_bouldin_score(xn, labels.numpy()), rel=1e-5
+    )
+
+
+def test_silhouette_sample_and_single_cluster():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 400)
+    scores = clustering_scores(x, y, n_clusters=3, seed=2, silhouette_samples=100)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    labels, _, _ = kmeans(xn, 3, seed=2)
+    sampled = silhouette_score(xn, labels.numpy(), sample_size=100, random_state=2)
+    assert scores["silhouette"] == pytest.approx(sampled, rel=1e-5)
+    one = clustering_scores(x, np.zeros(400, dtype=np.int64), seed=0)
+    assert one["silhouette"] is None and one["davies_bouldin"] is None

@@ -1,8 +1,11 @@
-"""k-means clustering of frozen features and clustering metrics (ACC, NMI, AMI, ARI).
+"""k-means clustering of frozen features and clustering metrics.
 
-The metrics follow scikit-learn's definitions (natural logarithm, arithmetic-mean
-normalisation for NMI and AMI) and return fractions in ``[0, 1]`` (ARI and AMI can be
-slightly negative); :func:`clustering_scores` reports all four in percent.
+Against the labels: ACC, NMI, AMI, ARI, following scikit-learn's definitions (natural
+logarithm, arithmetic-mean normalisation for NMI and AMI) and returned as fractions in
+``[0, 1]`` (ARI and AMI can be slightly negative); :func:`clustering_scores` reports them in
+percent. Without the labels, of the k-means assignment itself: silhouette and Davies-Bouldin
+(scikit-learn's functions), as they are (silhouette in ``[-1, 1]``, higher is better;
+Davies-Bouldin >= 0, lower is better).
 """
 
 from __future__ import annotations
@@ -245,29 +248,53 @@ def clustering_scores(
     n_clusters: int | None = None,
     n_init: int = 5,
     seed: int = 0,
-) -> dict[str, float]:
-    """Runs k-means on L2-normalised features and scores the clusters against labels.
+    silhouette_samples: int | None = 10_000,
+) -> dict[str, float | None]:
+    """Runs k-means on L2-normalised features and scores the clusters.
+
+    ACC, NMI, AMI and ARI compare the k-means assignment with the labels ``y``. Silhouette and
+    Davies-Bouldin score the k-means assignment itself on the features it clustered (the
+    L2-normalised ``x``, Euclidean distance), ignoring ``y``.
 
     Args:
         x: Features ``[N, D]``.
         y: Ground-truth labels ``[N]`` (integer).
         n_clusters: Number of clusters; defaults to the number of distinct labels in ``y``.
         n_init: k-means restarts.
-        seed: k-means seed.
+        seed: k-means seed (and that of the silhouette sample).
+        silhouette_samples: The silhouette costs ``O(N^2)``: computed on a random sample of
+            this many points when ``N`` is larger (scikit-learn's ``sample_size``); ``None``:
+            on all points.
 
     Returns:
-        ``{"acc", "nmi", "ami", "ari"}``, all in percent (the metrics multiplied by 100).
+        ``{"acc", "nmi", "ami", "ari"}`` in percent (the metrics multiplied by 100), and
+        ``"silhouette"``, ``"davies_bouldin"`` unscaled; both are ``None`` when k-means found a
+        single cluster (they are undefined there).
     """
+    from sklearn.metrics import davies_bouldin_score, silhouette_score
+
     x = as_features(x, "x")
     y = as_labels(y, "y")
     check_same_length(x, y, "x", "y")
     if n_clusters is None:
         n_clusters = int(y.unique().numel())
-    labels, _, _ = kmeans(F.normalize(x, dim=1), n_clusters, n_init=n_init, seed=seed)
+    points = F.normalize(x, dim=1)
+    labels, _, _ = kmeans(points, n_clusters, n_init=n_init, seed=seed)
     y_pred = labels.cpu()
-    return {
+    scores = {
         "acc": 100.0 * cluster_accuracy(y, y_pred),
         "nmi": 100.0 * nmi(y, y_pred),
         "ami": 100.0 * ami(y, y_pred),
         "ari": 100.0 * ari(y, y_pred),
+        "silhouette": None,
+        "davies_bouldin": None,
     }
+    found = int(y_pred.unique().numel())
+    if 2 <= found < x.shape[0]:  # both scores need 2 <= clusters <= N - 1
+        points_np, pred_np = points.double().cpu().numpy(), y_pred.numpy()
+        sample = silhouette_samples if silhouette_samples and silhouette_samples < len(x) else None
+        scores["silhouette"] = float(
+            silhouette_score(points_np, pred_np, sample_size=sample, random_state=seed)
+        )
+        scores["davies_bouldin"] = float(davies_bouldin_score(points_np, pred_np))
+    return scores
