@@ -74,7 +74,7 @@ def test_cached_features_equal_fresh_and_hit_the_cache(encoder, tmp_path, monkey
     def no_extraction(*args, **kwargs):
         raise AssertionError("extracted although the cache holds these features")
 
-    monkeypatch.setattr(features_module, "extract_features", no_extraction)
+    monkeypatch.setattr(features_module, "extract_layer_features", no_extraction)
     second = cached_features(encoder, dataset, make_key(), tmp_path, progress=False)
     for a, b, c in zip(fresh, first, second, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)

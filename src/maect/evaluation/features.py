@@ -1,9 +1,11 @@
 """Frozen-encoder feature extraction, train-statistics standardisation and an on-disk cache.
 
 :func:`extract_features` runs an encoder over a dataset (batched, no gradient, bf16 autocast on
-GPU) and pools its tokens into one vector per image. :func:`cached_features` wraps it with a
-cache keyed by a :class:`FeatureKey` (weights, dataset, split, subset, transform, pooling, layer),
-so that the protocols of one ``maect evaluate`` call, and later calls, extract only once.
+GPU) and pools its tokens into one vector per image; :func:`extract_layer_features` does so for
+several blocks in one forward pass. :func:`cached_features` / :func:`cached_layer_features` wrap
+them with a cache keyed by a :class:`FeatureKey` (weights, dataset, split, subset, transform,
+pooling, layer), one file per layer, so that the protocols of one ``maect evaluate`` call, and
+later calls, extract only once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,6 +45,63 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def block_index(encoder: VisionTransformer, layer: int) -> int:
+    """The 0-based index of block ``layer`` (negative counts from the end).
+
+    Raises:
+        ValueError: If ``layer`` is out of range for the encoder's depth.
+    """
+    depth = len(encoder.blocks)
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer={layer} is out of range for an encoder with {depth} blocks")
+    return layer % depth
+
+
+def encode_layers(
+    encoder: VisionTransformer | None,
+    images: torch.Tensor,
+    pooling: str = "cls",
+    layers: Sequence[int | None] = (None,),
+) -> list[torch.Tensor]:
+    """Pooled features ``[B, D]`` of several blocks of a batch of normalised images, from ONE
+    forward pass.
+
+    Every block's tokens go through the encoder's final norm before pooling (timm's
+    ``forward_intermediates(norm=True)``, which runs the blocks once and keeps the requested
+    outputs), so ``None`` (the output of ``forward_features``) equals the last block.
+
+    Args:
+        encoder: A timm ViT; ``None`` returns the flattened pixels for every entry of ``layers``.
+        images: Normalised images ``[B, C, H, W]`` on the encoder's device.
+        pooling: ``cls``, ``mean`` (patch tokens) or ``cls+mean`` (concatenated).
+        layers: Block indices (0-based, negative from the end); ``None`` is the final norm.
+
+    Returns:
+        One ``[B, D]`` tensor per entry of ``layers``, in that order.
+    """
+    if encoder is None:
+        return [images.flatten(1)] * len(layers)
+    if all(layer is None for layer in layers):
+        return [pool_tokens(encoder.forward_features(images), pooling)] * len(layers)
+    depth = len(encoder.blocks)
+    index = [depth - 1 if layer is None else block_index(encoder, layer) for layer in layers]
+    taken = sorted(set(index))  # forward_intermediates returns them in block order
+    outputs = encoder.forward_intermediates(
+        images,
+        indices=taken,
+        return_prefix_tokens=True,
+        norm=True,
+        stop_early=True,
+        output_fmt="NLC",
+        intermediates_only=True,
+    )
+    pooled = {
+        block: pool_tokens(torch.cat([prefix, patches], dim=1), pooling)
+        for block, (patches, prefix) in zip(taken, outputs, strict=True)
+    }
+    return [pooled[block] for block in index]
+
+
 def encode(
     encoder: VisionTransformer | None,
     images: torch.Tensor,
@@ -57,27 +116,9 @@ def encode(
         pooling: ``cls``, ``mean`` (patch tokens) or ``cls+mean`` (concatenated).
         layer: ``None`` pools the output of the final norm (``forward_features``); ``k`` pools the
             output of block ``k`` (0-based, negative counts from the end) after the encoder's
-            final norm, so ``layer=-1`` equals the default.
+            final norm, so ``layer=-1`` equals the default (:func:`encode_layers`).
     """
-    if encoder is None:
-        return images.flatten(1)
-    if layer is None:
-        tokens = encoder.forward_features(images)
-    else:
-        depth = len(encoder.blocks)
-        if not -depth <= layer < depth:
-            raise ValueError(f"layer={layer} is out of range for an encoder with {depth} blocks")
-        ((patches, prefix),) = encoder.forward_intermediates(
-            images,
-            indices=[layer],
-            return_prefix_tokens=True,
-            norm=True,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-        )
-        tokens = torch.cat([prefix, patches], dim=1)
-    return pool_tokens(tokens, pooling)
+    return encode_layers(encoder, images, pooling, (layer,))[0]
 
 
 def extract_features(
@@ -115,6 +156,39 @@ def extract_features(
     Returns:
         ``(features [N, D] float32 on the CPU, labels [N] int64)``.
     """
+    (features,), labels = extract_layer_features(
+        encoder,
+        dataset,
+        pooling,
+        (layer,),
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc=desc,
+        shard=shard,
+    )
+    return features, labels
+
+
+def extract_layer_features(
+    encoder: VisionTransformer | None,
+    dataset: Dataset,
+    pooling: str = "cls",
+    layers: Sequence[int | None] = (None,),
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
+    shard: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`extract_features` for several blocks at once: one forward pass per batch
+    (:func:`encode_layers`), one feature matrix per entry of ``layers``.
+
+    Returns:
+        ``([features [N, D] float32 CPU per layer], labels [N] int64)``.
+    """
     device = resolve_device(device)
     world = world_size() if shard else 1
     part = dataset if world == 1 else Subset(dataset, range(rank(), len(dataset), world))
@@ -128,7 +202,8 @@ def extract_features(
         with torch.inference_mode(), autocast:
             for batch in tqdm(loader, desc=desc, disable=not progress or rank() != 0, leave=False):
                 images = batch["image"].to(device, non_blocking=True)
-                features.append(encode(encoder, images, pooling, layer).float().cpu())
+                pooled = encode_layers(encoder, images, pooling, layers)
+                features.append(torch.cat(pooled, dim=1).float().cpu())
                 labels.append(batch["label"])
                 indices.append(batch["index"])
     finally:
@@ -137,8 +212,12 @@ def extract_features(
     if world > 1:
         if not features:  # this rank's share is empty or unreadable
             features, labels, indices = [torch.empty(0, 0)], [torch.empty(0)], [torch.empty(0)]
-        return gather_rows_to_zero(torch.cat(features), torch.cat(labels), torch.cat(indices))
-    return torch.cat(features), torch.cat(labels).long()
+        rows, row_labels = gather_rows_to_zero(
+            torch.cat(features), torch.cat(labels), torch.cat(indices)
+        )
+    else:
+        rows, row_labels = torch.cat(features), torch.cat(labels).long()
+    return [part.contiguous() for part in rows.tensor_split(len(layers), dim=1)], row_labels
 
 
 def standardize(
@@ -280,31 +359,60 @@ def cached_features(
     Returns:
         ``(features [N, D] float32 CPU, labels [N] int64)``, identical to a fresh extraction.
     """
-    sharded = shard and world_size() > 1
-    path = cache_dir / key.filename() if cache_dir is not None else None
-    owns_cache = path is not None and (not sharded or rank() == 0)
-    stored = _read_cache(path, key) if owns_cache else None
-    if sharded:
-        hit = [stored is not None]
-        dist.broadcast_object_list(hit, src=0)
-        if hit[0] and rank() != 0:
-            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    if stored is not None:
-        return stored
-    features, labels = extract_features(
-        encoder,
-        dataset,
-        key.pooling,
-        key.layer,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-        desc=f"{key.split} features",
-        shard=sharded,
+    (features,), labels = cached_layer_features(
+        encoder, dataset, [key], cache_dir, batch_size, device, num_workers, progress, shard
     )
-    if owns_cache:
-        payload = {"key": dataclasses.asdict(key), "features": features, "labels": labels}
-        with atomic_write(path) as f:
-            torch.save(payload, f)
     return features, labels
+
+
+def cached_layer_features(
+    encoder: VisionTransformer | None,
+    dataset: Dataset,
+    keys: Sequence[FeatureKey],
+    cache_dir: Path | None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    shard: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`cached_features` for several keys that differ only in ``layer``: each is read
+    from the cache where stored, the missing ones come from ONE :func:`extract_layer_features`
+    pass and are stored one file per layer.
+
+    Returns:
+        ``([features [N, D] float32 CPU per key], labels [N] int64)``.
+    """
+    if len({dataclasses.replace(key, layer=None) for key in keys}) > 1:
+        raise ValueError("cached_layer_features: the keys may differ only in their layer")
+    sharded = shard and world_size() > 1
+    owns_cache = cache_dir is not None and (not sharded or rank() == 0)
+    paths = [cache_dir / key.filename() if cache_dir is not None else None for key in keys]
+    stored = [_read_cache(p, k) if owns_cache else None for p, k in zip(paths, keys, strict=True)]
+    missing = [i for i, hit in enumerate(stored) if hit is None]
+    if sharded:
+        shared = [missing]
+        dist.broadcast_object_list(shared, src=0)
+        missing = shared[0]
+        if rank() != 0:
+            stored = [(torch.empty(0, 0), torch.empty(0, dtype=torch.long))] * len(keys)
+    if missing:
+        features, labels = extract_layer_features(
+            encoder,
+            dataset,
+            keys[0].pooling,
+            [keys[i].layer for i in missing],
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+            desc=f"{keys[0].split} features",
+            shard=sharded,
+        )
+        for i, x in zip(missing, features, strict=True):
+            stored[i] = (x, labels)
+            if owns_cache:
+                payload = {"key": dataclasses.asdict(keys[i]), "features": x, "labels": labels}
+                with atomic_write(paths[i]) as f:
+                    torch.save(payload, f)
+    return [x for x, _ in stored], stored[0][1]
