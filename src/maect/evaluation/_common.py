@@ -68,6 +68,19 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 100.0 * (pred == target).double().mean().item()
 
 
+def predict_within(scores: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """The argmax of ``scores [N, C]`` over all classes, or over ``classes`` only (class indices;
+    the ImageNet-R/-A protocol for a test set that covers a subset of the training classes).
+
+    Returns:
+        Predicted class indices ``[N]`` (int64, in the full class numbering).
+    """
+    if classes is None:
+        return scores.argmax(dim=1)
+    classes = classes.to(scores.device)
+    return classes[scores[:, classes].argmax(dim=1)]
+
+
 def stratified_subset(y: torch.Tensor, size: Callable[[int], int], seed: int) -> torch.Tensor:
     """Draws ``size(n_c)`` random samples from every class ``c`` (with ``n_c`` members).
 

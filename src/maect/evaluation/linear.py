@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,12 @@ from torch import nn
 
 from maect.evaluation._common import (
     ArrayLike,
+    accuracy,
     as_features,
     as_labels,
     check_same_dim,
     check_same_length,
+    predict_within,
     stratified_subset,
 )
 
@@ -99,6 +102,96 @@ def _head_accuracies(heads: _Heads, x: torch.Tensor, y: torch.Tensor) -> list[fl
     return (100.0 * correct.double() / x.shape[0]).tolist()
 
 
+@dataclass
+class LinearProbe:
+    """A trained probe: one head of :class:`_Heads` and how it was selected.
+
+    Attributes:
+        heads: The trained heads (one after a refit, else the whole sweep).
+        head: Index of the selected head in ``heads``.
+        best_lr: Its learning rate.
+        val_top1: Its accuracy (percent) on the held-out validation split.
+        per_lr: Validation accuracy of every learning rate of the sweep.
+    """
+
+    heads: _Heads
+    head: int
+    best_lr: float
+    val_top1: float
+    per_lr: dict[float, float]
+
+    @torch.no_grad()
+    def logits(self, x: ArrayLike) -> torch.Tensor:
+        """Class scores ``[N, C]`` of features ``x`` (float32, on the probe's device)."""
+        device = self.heads.weights[0].device
+        x = as_features(x, "x").float().to(device)
+        parts = [
+            self.heads(x[start : start + _EVAL_BATCH])[self.head]
+            for start in range(0, x.shape[0], _EVAL_BATCH)
+        ]
+        return torch.cat(parts)
+
+    def predict(self, x: ArrayLike, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted classes of ``x``; with ``classes`` the argmax runs over those classes only
+        (:func:`~maect.evaluation._common.predict_within`)."""
+        return predict_within(self.logits(x), classes)
+
+
+def fit_linear_probe(
+    train_x: ArrayLike,
+    train_y: ArrayLike,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    epochs: int = 20,
+    batch_size: int = 256,
+    val_fraction: float = 0.1,
+    refit: bool = True,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> LinearProbe:
+    """Train the probe of :func:`linear_probe` (learning rate chosen on a held-out split of
+    train, then refitted on all of train when ``refit``) and return it.
+
+    Args:
+        num_classes: Width of the classifier; ``None``: ``max(train_y) + 1``.
+        Others: as :func:`linear_probe`.
+    """
+    train_x = as_features(train_x, "train_x").float()
+    train_y = as_labels(train_y, "train_y", device=train_x.device)
+    check_same_length(train_x, train_y, "train_x", "train_y")
+    if not lrs or min(lrs) <= 0:
+        raise ValueError("lrs must be a non-empty sequence of positive learning rates")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if epochs < 1 or batch_size < 2:
+        raise ValueError("epochs must be >= 1 and batch_size >= 2")
+    if num_classes is None:
+        num_classes = int(train_y.max()) + 1
+
+    val_idx = stratified_subset(train_y, lambda n: min(round(val_fraction * n), n - 1), seed).to(
+        train_x.device
+    )
+    is_val = torch.zeros(train_x.shape[0], dtype=torch.bool, device=train_x.device)
+    is_val[val_idx] = True
+    if not is_val.any() or int((~is_val).sum()) < 2:
+        raise ValueError("val_fraction leaves an empty validation or training split")
+    fit_x, fit_y = train_x[~is_val], train_y[~is_val]
+
+    heads = _train_heads(fit_x, fit_y, lrs, num_classes, epochs, batch_size, seed)
+    val_accs = _head_accuracies(heads, train_x[val_idx], train_y[val_idx])
+    best = max(range(len(lrs)), key=lambda i: val_accs[i])
+    head = best
+    if refit:
+        heads = _train_heads(train_x, train_y, [lrs[best]], num_classes, epochs, batch_size, seed)
+        head = 0
+    return LinearProbe(
+        heads=heads,
+        head=head,
+        best_lr=float(lrs[best]),
+        val_top1=val_accs[best],
+        per_lr={float(lr): acc for lr, acc in zip(lrs, val_accs, strict=True)},
+    )
+
+
 def linear_probe(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -110,6 +203,7 @@ def linear_probe(
     val_fraction: float = 0.1,
     refit: bool = True,
     seed: int = 0,
+    classes: torch.Tensor | None = None,
 ) -> dict[str, float | dict[float, float]]:
     """Linear probe with learning-rate selection on a held-out validation split.
 
@@ -132,6 +226,8 @@ def linear_probe(
             keeps at least one training sample).
         refit: Retrain on the full training set at the chosen learning rate.
         seed: Seed for the split, the initialisation and the batch order.
+        classes: Score the test set with the argmax over these classes only (a test set whose
+            classes are a subset of the training classes); ``None``: all classes.
 
     Returns:
         ``{"top1": test accuracy, "val_top1": validation accuracy of the chosen lr,
@@ -141,37 +237,15 @@ def linear_probe(
     test_x = as_features(test_x, "test_x").float().to(train_x.device)
     train_y = as_labels(train_y, "train_y", device=train_x.device)
     test_y = as_labels(test_y, "test_y", device=train_x.device)
-    check_same_length(train_x, train_y, "train_x", "train_y")
     check_same_length(test_x, test_y, "test_x", "test_y")
     check_same_dim(train_x, test_x, "train_x", "test_x")
-    if not lrs or min(lrs) <= 0:
-        raise ValueError("lrs must be a non-empty sequence of positive learning rates")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if epochs < 1 or batch_size < 2:
-        raise ValueError("epochs must be >= 1 and batch_size >= 2")
     num_classes = int(torch.maximum(train_y.max(), test_y.max())) + 1
-
-    val_idx = stratified_subset(train_y, lambda n: min(round(val_fraction * n), n - 1), seed).to(
-        train_x.device
+    probe = fit_linear_probe(
+        train_x, train_y, lrs, epochs, batch_size, val_fraction, refit, seed, num_classes
     )
-    is_val = torch.zeros(train_x.shape[0], dtype=torch.bool, device=train_x.device)
-    is_val[val_idx] = True
-    if not is_val.any() or int((~is_val).sum()) < 2:
-        raise ValueError("val_fraction leaves an empty validation or training split")
-    fit_x, fit_y = train_x[~is_val], train_y[~is_val]
-
-    heads = _train_heads(fit_x, fit_y, lrs, num_classes, epochs, batch_size, seed)
-    val_accs = _head_accuracies(heads, train_x[val_idx], train_y[val_idx])
-    best = max(range(len(lrs)), key=lambda i: val_accs[i])
-    if refit:
-        heads = _train_heads(train_x, train_y, [lrs[best]], num_classes, epochs, batch_size, seed)
-        test_acc = _head_accuracies(heads, test_x, test_y)[0]
-    else:
-        test_acc = _head_accuracies(heads, test_x, test_y)[best]
     return {
-        "top1": test_acc,
-        "val_top1": val_accs[best],
-        "best_lr": float(lrs[best]),
-        "per_lr": {float(lr): acc for lr, acc in zip(lrs, val_accs, strict=True)},
+        "top1": accuracy(probe.predict(test_x, classes), test_y),
+        "val_top1": probe.val_top1,
+        "best_lr": probe.best_lr,
+        "per_lr": probe.per_lr,
     }

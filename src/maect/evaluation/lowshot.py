@@ -21,6 +21,7 @@ from maect.evaluation._common import (
     as_labels,
     check_same_dim,
     check_same_length,
+    predict_within,
     stratified_subset,
 )
 
@@ -121,6 +122,7 @@ def logistic_regression(
     max_iter: int = 1000,
     tol: float = 1e-9,
     dtype: torch.dtype = torch.float64,
+    classes: torch.Tensor | None = None,
 ) -> float:
     """Multinomial logistic regression on centred, L2-normalised features; test top-1 in %.
 
@@ -137,6 +139,8 @@ def logistic_regression(
         max_iter: Maximum L-BFGS iterations.
         tol: Stop when the largest gradient entry falls below ``tol``.
         dtype: Compute dtype.
+        classes: Predict only among these classes (a test set covering a subset of the
+            training classes); ``None``: every class seen in training.
 
     Returns:
         Test top-1 accuracy in percent.
@@ -156,9 +160,14 @@ def logistic_regression(
     x = F.normalize(x - mean, dim=1)
     t = F.normalize(t - mean, dim=1)
     # Only classes seen in training can be predicted.
-    classes, y_idx = torch.unique(y, return_inverse=True)
-    w = fit_multinomial(x, y_idx, classes.numel(), l2, max_iter, tol)
-    return accuracy(classes[(t @ w).argmax(dim=1)], ty)
+    seen, y_idx = torch.unique(y, return_inverse=True)
+    w = fit_multinomial(x, y_idx, seen.numel(), l2, max_iter, tol)
+    allowed = None
+    if classes is not None:
+        allowed = torch.isin(seen, classes.to(seen.device)).nonzero().flatten()
+        if allowed.numel() == 0:
+            raise ValueError("none of the classes to predict occurs in train_y")
+    return accuracy(seen[predict_within(t @ w, allowed)], ty)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -175,6 +184,7 @@ def lowshot_eval(
     percents: Sequence[float] = (1, 10),
     seeds: Sequence[int] = (0, 1, 2),
     l2_scale: float = DEFAULT_L2_SCALE,
+    classes: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Logistic-regression accuracy from ``shots`` images per class and ``percents`` % of labels.
 
@@ -191,6 +201,7 @@ def lowshot_eval(
         percents: Percentages of the training set (class-stratified).
         seeds: One split per seed.
         l2_scale: Numerator of the regularisation strength.
+        classes: Predict only among these classes (see :func:`logistic_regression`).
 
     Returns:
         Mean test top-1 (percent) over seeds under ``"<shots>"`` and ``"<percent>pct"``, with the
@@ -211,7 +222,12 @@ def lowshot_eval(
             idx_x = idx.to(train_x.device)
             accs.append(
                 logistic_regression(
-                    train_x[idx_x], train_y[idx], test_x, test_y, l2=l2_scale / idx.numel()
+                    train_x[idx_x],
+                    train_y[idx],
+                    test_x,
+                    test_y,
+                    l2=l2_scale / idx.numel(),
+                    classes=classes,
                 )
             )
         results[key], results[f"{key}_std"] = _mean_std(accs)
