@@ -53,11 +53,9 @@ def mae_transform(
     )
 
 
-def eval_transform(
-    img_size: int, source_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
-) -> T.Compose:
-    """Deterministic evaluation view: resize to ``img_size / 0.875`` + centre crop, unless the
-    source already has the model's size (then no resampling at all)."""
+def eval_view(img_size: int, source_size: int, channels: int) -> T.Compose:
+    """The uint8 part of :func:`eval_transform`: channels matched, resized to
+    ``img_size / 0.875`` and centre-cropped, unless the source already has the model's size."""
     ops: list[T.Transform] = [match_channels(channels)]
     if source_size != img_size:
         resize = round(img_size / EVAL_CROP_PCT) if source_size > img_size else img_size
@@ -65,7 +63,15 @@ def eval_transform(
             T.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
             T.CenterCrop(img_size),
         ]
-    return T.Compose([*ops, to_normalized(mean, std)])
+    return T.Compose(ops)
+
+
+def eval_transform(
+    img_size: int, source_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> T.Compose:
+    """Deterministic evaluation view: resize to ``img_size / 0.875`` + centre crop, unless the
+    source already has the model's size (then no resampling at all), then normalise."""
+    return T.Compose([eval_view(img_size, source_size, channels), to_normalized(mean, std)])
 
 
 def augmented_view(

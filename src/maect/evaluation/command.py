@@ -1,16 +1,20 @@
 """``maect evaluate``: frozen-feature protocols on a run, a checkpoint or raw pixels.
 
 ``evaluate(source, cfg)`` loads the encoder, extracts (or reads cached) train and test features
-once, runs the selected protocols (k-NN, linear probe, low-shot, clustering), saves a t-SNE plot
-and writes ``eval.json``::
+once, runs the selected protocols (k-NN, linear probe, low-shot, clustering, robustness) and the
+per-block analysis, saves a t-SNE plot and writes ``eval.json``::
 
-    {"knn": {"top1": ..}, "linear": {"top1": ..},
-     "lowshot": {"1": .., "2": .., "5": .., "1pct": ..},
-     "cluster": {"acc": .., "nmi": .., "ami": .., "ari": ..},
-     "features": {"pooling": .., "n_train": .., ...}, "timing": {"extract": s, "knn": s, ...},
-     "config": {...}}
+    {"knn": {"protocol": "weighted k-NN on frozen features", "top1": ..},
+     "linear": {"protocol": .., "top1": ..},
+     "lowshot": {"protocol": "logistic regression on frozen features", "1": .., "1pct": ..},
+     "cluster": {"protocol": .., "acc": .., "nmi": .., "ami": .., "ari": .., "silhouette": ..},
+     "robustness": {"protocol": .., "clean": .., "mean": .., "top1": {..}, "mce": ..},
+     "layers": {"protocol": .., "blocks": {"0": {"knn": {..}}, ..}},
+     "features": {"pooling": .., "arch": {..}, "n_train": .., ...},
+     "timing": {"extract": s, "knn": s, ...}, "config": {...}}
 
-Accuracies and clustering scores are in percent; timings in seconds. The parts live in their
+Accuracies and clustering scores are in percent (silhouette and Davies-Bouldin as they are);
+timings in seconds (docs/evaluation.md has the full schema). The parts live in their
 own modules: settings (:mod:`~maect.evaluation.config`), what is evaluated
 (:mod:`~maect.evaluation.sources`), the splits (:mod:`~maect.evaluation.splits`), the features
 (:mod:`~maect.evaluation.featureset`), the protocol dispatch
@@ -33,7 +37,7 @@ from maect.evaluation.config import EvalConfig, load_eval_config, validate_eval_
 from maect.evaluation.features import atomic_write
 from maect.evaluation.featureset import load_features
 from maect.evaluation.plots import save_embedding_plot
-from maect.evaluation.protocols import run_protocols
+from maect.evaluation.protocols import run_layers, run_protocols
 from maect.evaluation.table import format_table
 
 __all__ = ["EvalConfig", "evaluate", "format_table", "load_eval_config", "write_json"]
@@ -60,6 +64,9 @@ def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any
     if features is None:  # not rank 0 of a process group: it helped extract
         return None
     result = run_protocols(features, cfg, timing)
+    layers = run_layers(features, cfg, timing)
+    if layers is not None:
+        result["layers"] = layers
     out = Path(features.info["out"])
     if cfg.plot:
         info = features.info

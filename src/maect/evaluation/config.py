@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,12 +14,16 @@ import yaml
 
 from maect.config import DATASETS, ConfigError, from_dict, parse_overrides
 from maect.data.datasets import NORMALIZATION
+from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
 from maect.evaluation.linear import DEFAULT_LRS
 from maect.evaluation.lowshot import DEFAULT_L2_SCALE
 from maect.models.pooling import POOLINGS
 
-PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+PROTOCOLS = ("knn", "linear", "lowshot", "cluster", "robustness")
+DEFAULT_PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+LAYER_PROTOCOLS = ("knn", "linear", "lowshot", "cluster")  # those that run per block
+ALL_LAYERS = "all"
 
 
 @dataclass
@@ -36,7 +41,12 @@ class EvalDataConfig:
             set and low-shot pool), for quick trials.
         test_subset: Class-balanced subset of the test split.
         batch_size: Images per forward pass of feature extraction.
-        num_workers: Data loader workers of feature extraction.
+        num_workers: Data loader workers of feature extraction (and corruption generation).
+        test_folder: A separate class-per-folder test set (ImageNet-A/-R/-Sketch layout) in
+            place of the dataset's test split; its classes must be (or ``class_map`` must map
+            them onto) training classes, and every protocol then scores among those classes.
+        class_map: YAML/JSON file mapping ``test_folder`` class names to training class names
+            (or indices); unmapped names must equal a training class name.
     """
 
     name: str | None = None
@@ -47,6 +57,16 @@ class EvalDataConfig:
     test_subset: int | None = None
     batch_size: int = 256
     num_workers: int = 0
+    test_folder: str | None = None
+    class_map: str | None = None
+
+
+@dataclass
+class EvalModelConfig:
+    """The encoder. ``num_heads``: head count of a checkpoint whose weights do not say it and
+    whose width is outside the standard table (passed to :func:`maect.load_encoder`)."""
+
+    num_heads: int | None = None
 
 
 @dataclass
@@ -87,6 +107,21 @@ class ClusterEvalConfig:
 
     n_init: int = 5
     split: str = "test"
+    silhouette_samples: int | None = 10_000
+
+
+@dataclass
+class RobustnessEvalConfig:
+    """Accuracy of the linear probe (trained on clean train features) on the ImageNet-C
+    corruptions of a class-balanced ``test_subset`` of the test split: ``len(corruptions) x
+    len(severities)`` feature passes over it (75 for all), so keep it small on a CPU.
+    ``baseline``: an ``eval.json`` (or its run directory) with a robustness result to compute
+    the mCE against."""
+
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
+    test_subset: int | None = 500
+    baseline: str | None = None
 
 
 @dataclass
@@ -95,9 +130,16 @@ class EvalConfig:
 
     Attributes:
         data: Which images (see :class:`EvalDataConfig`).
-        protocols: Subset of ``knn``, ``linear``, ``lowshot``, ``cluster``.
+        model: The encoder (see :class:`EvalModelConfig`).
+        protocols: Subset of ``knn``, ``linear``, ``lowshot``, ``cluster`` (the default) and
+            ``robustness``.
         pooling: ``cls``, ``mean`` (patch tokens) or ``cls+mean``.
         layer: Pool the output of this block (0-based, then the final norm); ``None``: the last.
+        layers: Per-block analysis: ``all`` or a list of blocks (0-based, negative from the
+            end) whose features (each through the final norm, like ``layer``) come from one
+            forward pass; ``layer_protocols`` run on each.
+        layer_protocols: Protocols run per block (``knn`` by default; ``linear``, ``lowshot``,
+            ``cluster`` on request).
         standardize: Standardise features with the train split's mean and std first.
         plot: Save a t-SNE plot of up to ``plot_points`` test features as ``embedding.png``.
         plot_points: Number of test points in the plot (a class-balanced subset).
@@ -110,14 +152,18 @@ class EvalConfig:
     """
 
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     pooling: str = "cls"
     layer: int | None = None
+    layers: list[int] | str | None = None
+    layer_protocols: list[str] = field(default_factory=lambda: ["knn"])
     standardize: bool = False
     knn: KNNEvalConfig = field(default_factory=KNNEvalConfig)
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     lowshot: LowshotEvalConfig = field(default_factory=LowshotEvalConfig)
     cluster: ClusterEvalConfig = field(default_factory=ClusterEvalConfig)
+    robustness: RobustnessEvalConfig = field(default_factory=RobustnessEvalConfig)
     plot: bool = True
     plot_points: int = 2000
     cache: bool = True
@@ -127,19 +173,29 @@ class EvalConfig:
     progress: bool = True
 
 
+def _is_list(tp: Any) -> bool:
+    """Whether annotation ``tp`` is a list or an optional list (``list[int] | None``)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) is types.UnionType else (tp,)
+    return any(typing.get_origin(option) is list for option in options)
+
+
 def _split_comma_lists(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Let list fields be written ``a,b,c`` (YAML reads that as a string) or as one value."""
+    """Let list fields be written ``a,b,c`` (YAML reads that as a string) or as one value
+    (``layers=all``, a field that also takes a string, keeps a word without a comma)."""
     hints = typing.get_type_hints(cls)
     out = dict(data)
     for key, value in data.items():
         tp = hints.get(key)
         if tp is None:
             continue
+        takes_str = typing.get_origin(tp) is types.UnionType and str in typing.get_args(tp)
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             out[key] = _split_comma_lists(tp, value)
-        elif typing.get_origin(tp) is list and isinstance(value, str):
+        elif not _is_list(tp) or value is None or isinstance(value, list | dict):
+            continue
+        elif isinstance(value, str) and (value.count(",") or not takes_str):
             out[key] = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
-        elif typing.get_origin(tp) is list and not isinstance(value, list | dict):
+        elif not isinstance(value, str):
             out[key] = [value]
     return out
 
@@ -154,7 +210,29 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     d = cfg.data
     bad = [p for p in cfg.protocols if p not in PROTOCOLS]
     _require(not bad, "protocols", f"has unknown {bad}; choose from {', '.join(PROTOCOLS)}")
-    _require(bool(cfg.protocols) or cfg.plot, "protocols", "is empty (and plot=false)")
+    _require(
+        bool(cfg.protocols) or cfg.plot or cfg.layers is not None,
+        "protocols",
+        "is empty (and plot=false, no layers)",
+    )
+    _require(
+        cfg.layers is None or cfg.layers == ALL_LAYERS or isinstance(cfg.layers, list),
+        "layers",
+        f"must be '{ALL_LAYERS}' or a list of block indices, got '{cfg.layers}'",
+    )
+    _require(cfg.layers != [], "layers", "must name at least one block")
+    bad = [p for p in cfg.layer_protocols if p not in LAYER_PROTOCOLS]
+    _require(
+        not bad and bool(cfg.layer_protocols),
+        "layer_protocols",
+        f"must be some of {', '.join(LAYER_PROTOCOLS)}, got {cfg.layer_protocols}",
+    )
+    m = cfg.model
+    _require(
+        m.num_heads is None or m.num_heads >= 1,
+        "model.num_heads",
+        f"must be >= 1 or null, got {m.num_heads}",
+    )
     _require(
         d.name is None or d.name in DATASETS,
         "data.name",
@@ -207,6 +285,33 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
         cfg.cluster.split in ("train", "test"),
         "cluster.split",
         f"must be train or test, got {cfg.cluster.split}",
+    )
+    _require(
+        cfg.cluster.silhouette_samples is None or cfg.cluster.silhouette_samples >= 2,
+        "cluster.silhouette_samples",
+        f"must be >= 2 or null, got {cfg.cluster.silhouette_samples}",
+    )
+    r = cfg.robustness
+    bad = [c for c in r.corruptions if c not in CORRUPTIONS]
+    _require(
+        not bad and bool(r.corruptions),
+        "robustness.corruptions",
+        f"has unknown {bad}; choose from {', '.join(CORRUPTIONS)}",
+    )
+    _require(
+        bool(r.severities) and all(v in SEVERITIES for v in r.severities),
+        "robustness.severities",
+        f"must be values from 1 to 5, got {r.severities}",
+    )
+    _require(
+        r.test_subset is None or r.test_subset >= 1,
+        "robustness.test_subset",
+        f"must be >= 1 or null, got {r.test_subset}",
+    )
+    _require(
+        d.class_map is None or d.test_folder is not None,
+        "data.class_map",
+        "maps the classes of data.test_folder, which is not set",
     )
     _require(cfg.plot_points >= 10, "plot_points", f"must be >= 10, got {cfg.plot_points}")
     try:

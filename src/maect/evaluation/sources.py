@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from maect.checkpoints import load_encoder
-from maect.config import RunConfig, config_from_yaml
+from maect.config import ConfigError, RunConfig, config_from_yaml
 from maect.evaluation.config import EvalConfig
 from maect.evaluation.features import default_cache_dir, weights_fingerprint
 
@@ -28,14 +28,21 @@ class Source:
 
 
 def open_source(source: str, cfg: EvalConfig) -> Source:
-    """Load ``source`` (a run directory, a checkpoint file or ``"pixels"``) and decide where
-    its ``eval.json`` (``cfg.out`` or a default next to it) and its feature cache go."""
+    """Load ``source`` (a run directory, a checkpoint file or ``"pixels"``; ``model.num_heads``
+    for a checkpoint whose head count cannot be inferred) and decide where its ``eval.json``
+    (``cfg.out`` or a default next to it) and its feature cache go."""
     cache_dir = default_cache_dir(None)
     if source == PIXELS:
         out = Path(cfg.out or Path("runs") / f"pixels-{cfg.data.name or 'fashion-mnist'}")
         return Source(None, PIXELS, None, out, cache_dir)
     path = Path(source)
-    encoder = load_encoder(path)
+    heads = cfg.model.num_heads
+    encoder = load_encoder(path, num_heads=heads)
+    if heads is not None and encoder.arch.num_heads != heads:
+        raise ConfigError(
+            f"model.num_heads={heads} contradicts {path}, whose saved architecture has "
+            f"{encoder.arch.num_heads} heads"
+        )
     weights = weights_fingerprint(path)
     if path.is_dir():
         config = path / "config.yaml"
