@@ -25,11 +25,11 @@ from maect.evaluation.monitor import METRIC, OnlineKNN, build_monitor
 from maect.models.vit import MaskedViT
 
 SCHEMA = {
-    "knn": {"top1"},
-    "linear": {"top1"},
-    "lowshot": {"1", "2", "5", "1pct"},
-    "cluster": {"acc", "nmi", "ami", "ari"},
-    "features": {"pooling", "n_train"},
+    "knn": {"protocol", "top1"},
+    "linear": {"protocol", "top1"},
+    "lowshot": {"protocol", "1", "2", "5", "1pct"},
+    "cluster": {"protocol", "acc", "nmi", "ami", "ari", "silhouette", "davies_bouldin"},
+    "features": {"pooling", "n_train", "arch"},
     "timing": {"extract", "knn", "linear", "lowshot", "cluster", "total"},
 }
 QUICK = ["linear.epochs=2", "lowshot.seeds=0", "plot_points=40", "progress=false"]
@@ -139,6 +139,8 @@ def test_evaluate_run_dir_writes_every_schema_key(run_dir):
     assert (run_dir / "embedding.png").stat().st_size > 0
     assert len(list((run_dir / "features").glob("*.pt"))) == 2
     assert result["knn"]["top1"] == saved["knn"]["top1"]
+    assert saved["lowshot"]["protocol"] == "logistic regression on frozen features"
+    assert features["arch"]["num_heads"] == 2 and features["arch"]["depth"] == 2
     assert 0 <= saved["knn"]["top1"] <= 100 and 0 <= saved["cluster"]["acc"] <= 100
 
     again = evaluate(run_dir, load_eval_config([*QUICK, "protocols=knn", "plot=false"]))
@@ -169,6 +171,25 @@ def test_unlabeled_split_is_a_config_error(tmp_path, monkeypatch):
     items = ["data=synthetic", f"out={tmp_path / 'px'}", "protocols=knn", "plot=false"]
     with pytest.raises(ConfigError, match="32 of 64 train images have no label"):
         evaluate("pixels", load_eval_config([*items, *QUICK]))
+
+
+def test_settings_the_splits_refute_fail_before_extraction(run_dir, monkeypatch):
+    """The run's synthetic splits hold 80 train images (8 per class) and 20 test images."""
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extracted before checking the settings")
+
+    monkeypatch.setattr(features_module, "extract_layer_features", no_extraction)
+    for items, pattern in [
+        (["data.train_subset=81"], r"data.train_subset=81 exceeds the 80 images of the train"),
+        (["data.test_subset=21"], r"data.test_subset=21 exceeds the 20 images of the test"),
+        (["knn.k=81"], r"knn.k=81 exceeds the 80 train images"),
+        (["lowshot.shots=1,9"], r"lowshot.shots=9 exceeds the 8 images of the smallest"),
+        (["linear.val_fraction=0.01"], r"linear.val_fraction=0.01 leaves 0 of the 80 train"),
+        (["model.num_heads=4"], r"model.num_heads=4 contradicts .* has 2 heads"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            evaluate(run_dir, load_eval_config([*QUICK, *items]))
 
 
 def test_config_parsing_and_errors():
