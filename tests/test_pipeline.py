@@ -71,6 +71,7 @@ def test_pipeline_runs_chains_and_skips(tmp_path, capsys):
     assert delta == pytest.approx(expected)
     table = (out / "results.md").read_text()
     assert "| mae |" in table and "| ct |" in table and "tiny synthetic pipeline" in table
+    assert "k-NN: weighted k-NN on frozen features" in table  # which protocol made each column
     assert json.loads((out / "results.json").read_text())["pipeline"] == recipe
 
     mtime = (out / "mae" / "encoder.pt").stat().st_mtime

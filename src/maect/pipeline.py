@@ -233,6 +233,21 @@ def check(comparison: Comparison, results: dict[str, Any]) -> dict[str, Any]:
     return {**comparison.__dict__, "deltas": deltas, "holds": holds}
 
 
+def protocol_notes(results: dict[str, Any]) -> list[str]:
+    """One line saying which protocol produced which columns, from the ``protocol`` labels of
+    the eval.json sections (so that frozen-feature numbers are not read as fine-tuning ones)."""
+    columns: dict[str, list[str]] = {}
+    for title, path in COLUMNS:
+        for result in results.values():
+            section = result.get(path.split(".")[0]) if isinstance(result, dict) else None
+            if isinstance(section, dict) and isinstance(section.get("protocol"), str):
+                columns.setdefault(section["protocol"], []).append(title)
+                break
+    if not columns:
+        return []
+    return ["\n" + "; ".join(f"{', '.join(t)}: {label}" for label, t in columns.items())]
+
+
 def format_results(summary: dict[str, Any]) -> str:
     """Markdown table of all evaluated sources, then the checked claims, then the note."""
     header = "| method | " + " | ".join(title for title, _ in COLUMNS) + " | train min |"
@@ -245,6 +260,7 @@ def format_results(summary: dict[str, Any]) -> str:
         seconds = summary["train_seconds"].get(source)
         cells.append("–" if seconds is None else f"{seconds / 60:.1f}")
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += protocol_notes(summary["results"])
     for c in summary["comparisons"]:
         deltas = ", ".join(
             f"{k} {'n/a' if v is None else f'{v:+.1f}'}" for k, v in c["deltas"].items()

@@ -272,7 +272,8 @@ def metrics_table(run: RunFiles) -> str:
         return not_available(run.eval_error or "evaluation (eval.json; run maect evaluate)")
     result = run.eval_result
     sections = [s for s in EVAL_SECTIONS if s in result]
-    sections += [s for s in result if s not in sections and s not in ("config", "created")]
+    skip = ("config", "created", *ANALYSES)  # analyses have their own sections
+    sections += [s for s in result if s not in sections and s not in skip]
     rows = []
     for section in sections:
         for i, (metric, value) in enumerate(flatten(result[section]).items()):
@@ -460,6 +461,7 @@ def run_body(run: RunFiles, level: int) -> str:
         ("Embeddings", embeddings_section(run)),
         ("Config", config_section(run)),
     ]
+    sections[1:1] = analysis_sections(run)
     return "".join(f"<{h}>{title}</{h}>{body}" for title, body in sections)
 
 
@@ -495,12 +497,125 @@ def render(root: Path) -> str:
         f"<nav>{nav}</nav>",
         f"<h2>Comparison</h2>{comparison_section(summary, runs)}",
     ]
+    parts.append(robustness_comparison(runs))
     for run in runs:
         parts.append(
             f'<h2 id="{anchor(run.path.name)}">Stage {escape(run.path.name)}</h2>'
             f"{run_meta(run)}{run_body(run, 3)}"
         )
     return page(f"maect report: {root.name}", "".join(parts))
+
+
+# --------------------------------------------------------------------------- evaluation analyses
+# The per-block analysis (eval.json "layers") and the robustness result ("robustness") of
+# maect evaluate: a figure and a table each, and the methods' robustness side by side.
+
+ANALYSES = ("layers", "robustness")
+
+
+def line_svg(lines: dict[str, Points], title: str, xlabel: str, ylabel: str) -> bytes:
+    """One panel of labelled lines (markers on every point) as SVG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in lines.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, label=label, marker="o", markersize=3, lw=1.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2 if len(lines) > 8 else 1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue()
+
+
+def _headline(result: Any) -> float | None:
+    """The headline number of one protocol's result: top1, else k-means ACC."""
+    if not isinstance(result, dict):
+        return None
+    value = result.get("top1", result.get("acc"))
+    return float(value) if isinstance(value, int | float) else None
+
+
+def depth_lines(layers: dict[str, Any]) -> dict[str, Points]:
+    """``{protocol: [(block, headline number)]}`` of the per-block analysis."""
+    lines: dict[str, Points] = {}
+    blocks = layers.get("blocks") if isinstance(layers.get("blocks"), dict) else {}
+    for block, results in sorted(blocks.items(), key=lambda item: int(item[0])):
+        for protocol, result in (results or {}).items():
+            value = _headline(result)
+            if value is not None:
+                lines.setdefault(protocol, []).append((int(block), value))
+    return lines
+
+
+def layers_section(layers: dict[str, Any]) -> str:
+    """Accuracy against depth (one line per protocol) and its table."""
+    lines = depth_lines(layers)
+    if not lines:
+        return not_available("per-block results (eval.json layers.blocks)")
+    caption = f"per block: {layers.get('protocol', '')}"
+    svg = line_svg(lines, "accuracy against depth", "block (0 = first)", "top-1 / ACC (%)")
+    blocks = sorted({b for points in lines.values() for b, _ in points})
+    values = {p: dict(points) for p, points in lines.items()}
+    rows = [[b, *(values[p].get(b) for p in lines)] for b in blocks]
+    return figure(svg, "image/svg+xml", caption) + table(["block", *lines], rows)
+
+
+def severity_lines(robustness: dict[str, Any]) -> dict[str, Points]:
+    """``{corruption: [(severity, top1)]}`` plus the mean over corruptions, clean at severity 0."""
+    clean = robustness.get("clean")
+    start = [(0, float(clean))] if isinstance(clean, int | float) else []
+    lines: dict[str, Points] = {}
+    for corruption, per in (robustness.get("top1") or {}).items():
+        points = [(int(s), float(v)) for s, v in per.items() if s.isdigit()]
+        lines[corruption] = start + sorted(points)
+    mean = [(int(s), float(v)) for s, v in (robustness.get("per_severity") or {}).items()]
+    if mean:
+        lines["mean"] = start + sorted(mean)
+    return lines
+
+
+def robustness_section(robustness: dict[str, Any]) -> str:
+    """Accuracy against severity per corruption (and the mean), and the headline numbers."""
+    lines = severity_lines(robustness)
+    if not lines:
+        return not_available("robustness results (eval.json robustness.top1)")
+    svg = line_svg(lines, "accuracy under corruption", "severity (0 = clean)", "top-1 (%)")
+    caption = f"{robustness.get('protocol', '')}, {robustness.get('n_test', '?')} test images"
+    keys = ("clean", "mean", "mce", "relative_mce", "baseline")
+    rows = [[key, robustness[key]] for key in keys if key in robustness]
+    return figure(svg, "image/svg+xml", caption) + table(["metric", "value"], rows)
+
+
+def analysis_sections(run: RunFiles) -> list[tuple[str, str]]:
+    """The per-block and robustness sections of a run, for those its eval.json holds."""
+    result = run.eval_result or {}
+    sections = []
+    if isinstance(result.get("layers"), dict):
+        sections.append(("Accuracy against depth", layers_section(result["layers"])))
+    if isinstance(result.get("robustness"), dict):
+        sections.append(("Robustness", robustness_section(result["robustness"])))
+    return sections
+
+
+def robustness_comparison(runs: list[RunFiles]) -> str:
+    """Mean accuracy against severity of every stage with a robustness result (empty if none)."""
+    lines = {}
+    for run in runs:
+        block = (run.eval_result or {}).get("robustness")
+        if isinstance(block, dict):
+            mean = severity_lines(block).get("mean")
+            if mean:
+                lines[run.path.name] = mean
+    if not lines:
+        return ""
+    svg = line_svg(lines, "mean accuracy under corruption", "severity (0 = clean)", "top-1 (%)")
+    return "<h3>Robustness</h3>" + figure(svg, "image/svg+xml", "mean over the corruptions")
 
 
 def write_report(path: str | Path) -> Path:
