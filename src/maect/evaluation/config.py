@@ -120,7 +120,7 @@ class RobustnessEvalConfig:
 
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
-    test_subset: int | None = 500
+    test_subset: int | None = 200
     baseline: str | None = None
 
 
