@@ -214,7 +214,7 @@ def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> Fea
         "progress": cfg.progress,
         "shard": True,
     }
-    test_name = f"folder:{cfg.data.class_map or ''}" if cfg.data.test_folder else name
+    test_name = "folder" if cfg.data.test_folder else name
     test_root = cfg.data.test_folder or root
 
     def key(split: str, part: Split, layer: int | None, transform: str = description) -> FeatureKey:

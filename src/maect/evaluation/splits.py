@@ -4,6 +4,8 @@ feature is extracted)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +111,9 @@ def build_folder_test_split(cfg: EvalConfig, train: Split, name: str) -> tuple[S
     mapping = map_classes(dataset.classes, class_names(train.dataset, name), class_map)
     relabeled = RelabeledDataset(dataset, mapping, train.dataset.num_classes)
     split = _cut(relabeled, d.test_subset, cfg.seed, train=False)
-    return split, mapping.unique()
+    # The labels depend on the mapping: it is part of the feature cache key.
+    digest = hashlib.sha256(json.dumps(mapping.tolist()).encode()).hexdigest()[:12]
+    return Split(split.dataset, f"{split.subset}:classes{digest}"), mapping.unique()
 
 
 def class_counts(labels: torch.Tensor) -> torch.Tensor:
