@@ -14,7 +14,12 @@ from maect.cli import main
 from maect.data.datasets import TensorImageDataset, make_synthetic
 from maect.data.transforms import eval_transform
 from maect.distributed import init_from_env, rank
-from maect.evaluation.features import FeatureKey, cached_features, extract_features
+from maect.evaluation.features import (
+    FeatureKey,
+    cached_features,
+    extract_features,
+    extract_layer_features,
+)
 from maect.models.vit import MaskedViT, ViTArch
 from tests.conftest import free_port, rank_environment
 
@@ -22,7 +27,16 @@ pytestmark = pytest.mark.slow  # two spawned processes, ~20 s
 
 WORLD = 2
 UNREADABLE = 5  # an image no rank can read: absent from every result, as in one process
-EVAL = ["data=synthetic", "protocols=knn,cluster", "plot=false", "progress=false"]
+EVAL = [
+    "data=synthetic",
+    "protocols=knn,cluster,robustness",
+    "robustness.corruptions=fog,gaussian_noise",
+    "robustness.severities=2",
+    "robustness.test_subset=10",
+    "linear.epochs=2",
+    "plot=false",
+    "progress=false",
+]
 
 
 class PartlyUnreadable(TensorImageDataset):
@@ -59,8 +73,11 @@ def _worker(local_rank: int, port: int, out: str) -> None:
         )
     # one image: rank 1's share is empty; rank 0 alone, unsharded (the k-NN monitor's call)
     results["tiny"] = extract_features(model, dataset(1), progress=False, shard=True)
+    layers = [0, 1, None]
+    results["blocks"] = extract_layer_features(model, data, "cls", layers, 4, shard=True)[0]
     if local_rank == 0:
         results["local"] = extract_features(model, data, batch_size=4, progress=False)
+        results["local_blocks"] = extract_layer_features(model, data, "cls", layers, 4)[0]
     main(["evaluate", "pixels", f"out={Path(out) / 'pixels'}", *EVAL])  # joins this group
     torch.distributed.destroy_process_group()
     torch.save(results, Path(out) / f"rank{local_rank}.pt")
@@ -84,6 +101,11 @@ def test_rank_zero_gets_all_features_in_dataset_order(ranks):
         assert torch.equal(got_labels, labels), name
     for name in ("shared", "miss", "hit"):
         assert rank1[name][0].shape[0] == 0 and rank1[name][1].shape == (0,), name
+    # the blocks of one forward pass, sharded: what one process extracts, block by block
+    for shared, local in zip(rank0["blocks"], rank0["local_blocks"], strict=True):
+        torch.testing.assert_close(shared, local, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rank0["blocks"][2], features, rtol=1e-5, atol=1e-6)
+    assert all(block.shape[0] == 0 for block in rank1["blocks"])
 
 
 def test_a_rank_without_images_does_not_block(ranks):
@@ -108,6 +130,8 @@ def test_cli_under_two_ranks_writes_what_one_process_writes(ranks, tmp_path, mon
 
     def headline(text: str) -> dict:
         data = json.loads(text)
-        return {k: data[k] for k in ("knn", "cluster")} | {"n": data["features"]["n_train"]}
+        return {k: data[k] for k in ("knn", "cluster", "robustness")} | {
+            "n": data["features"]["n_train"]
+        }
 
     assert headline(shared) == headline(single)
