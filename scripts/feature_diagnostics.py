@@ -41,9 +41,12 @@ def read_eval(run: Path) -> dict:
 def load_split(run: Path, split: str, result: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached CLS features and labels of ``split`` in ``run`` that ``result`` (its
     ``eval.json``) was computed on (the cache may also hold other evaluations, e.g. of a subset)."""
-    size = result["features"][f"n_{split}"]
+    size, layer = result["features"][f"n_{split}"], result["features"].get("layer")
     for path in sorted((run / "features").glob(f"{split}-cls-*.pt")):
         stored = torch.load(path, map_location="cpu", weights_only=True)
+        key = stored.get("key", {})
+        if key.get("layer") != layer or "+robustness" in key.get("subset", ""):
+            continue  # another block (layers=...) or a corrupted test subset (robustness)
         if len(stored["labels"]) == size:
             return stored["features"], stored["labels"]
     raise SystemExit(f"{run}: no cached {split}-cls features of {size} images (run maect evaluate)")
