@@ -18,9 +18,13 @@ Tasks, each timed once after a small warm-up call (maect on ``--device``, peers 
 - ``knn``: ``knn_predict`` (k=20, T=0.07; ``knn_accuracy`` is it plus a comparison) vs
   scikit-learn's brute-force cosine ``KNeighborsClassifier`` with the same ``exp(cos / T)`` vote
   (CPU; beyond ``--sklearn-queries`` queries timed on that many and scaled linearly), vs lightly's
-  ``knn_predict`` (same device, 512 queries per call, a validation batch each), and vs itself with
-  the whole bank in one block per query chunk (``tile_rows`` = bank size; the search before CPU
-  tiling). (Measured and not kept: bf16 candidate searches, docs/performance.md.)
+  ``knn_predict`` (same device, 512 queries per call, a validation batch each), vs FAISS's exact
+  flat search (``IndexFlatIP`` on the normalised bank, the same k and vote; CPU, with torch's
+  thread count; faiss-cpu is a benchmark-only dependency: ``pip install -e '.[bench]'``), timed
+  ``--rounds`` times each, interleaved, best round reported, with the share of queries whose
+  neighbour sets are identical; and vs itself with the whole bank in one block per query chunk
+  (``tile_rows`` = bank size). (Measured and not kept: bf16 candidate searches,
+  docs/performance.md.)
 - ``kmeans``: ``kmeans`` vs scikit-learn ``KMeans`` (k-means++, Lloyd, same k, restarts, iteration
   cap and tolerance) on the L2-normalised bank, inertia reported for both.
 - ``linear``: ``linear_probe``'s one-pass sweep over its 10 learning rates vs the same protocol
@@ -58,6 +62,7 @@ from maect.data.datasets import TensorImageDataset, normalization_stats
 from maect.data.transforms import eval_transform
 from maect.evaluation import kmeans, knn_predict, linear_probe
 from maect.evaluation.features import encode, extract_features
+from maect.evaluation.knn import knn_neighbours
 from maect.evaluation.linear import DEFAULT_LRS
 from maect.methods.base import arch_from_config
 from maect.models.vit import build_encoder
@@ -169,8 +174,68 @@ def bench_extract(args: argparse.Namespace, device: torch.device) -> list[Row]:
     return [model, *versus([full], model)]
 
 
+def faiss_rows(bank: Bank, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """maect's neighbour search vs FAISS's exact flat inner-product search (CPU), both timed
+    ``args.rounds`` times interleaved (best round), with identical-neighbour and prediction
+    shares; no rows when faiss is not installed or the device is not the CPU."""
+    try:
+        import faiss
+    except ImportError:
+        print("faiss not installed: no FAISS rows (pip install faiss-cpu)")
+        return []
+    if device.type != "cpu":
+        return []
+    k, temp = args.k, args.temperature
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    bank_x = F.normalize(bank.train_x.float(), dim=1)
+    queries = F.normalize(bank.test_x.float(), dim=1)
+    index = faiss.IndexFlatIP(bank_x.shape[1])
+    index.add(bank_x.numpy())
+
+    def faiss_search() -> tuple[torch.Tensor, torch.Tensor]:
+        sims, ids = index.search(queries.numpy(), k)
+        return torch.from_numpy(sims), torch.from_numpy(ids)
+
+    def maect_search() -> tuple[torch.Tensor, torch.Tensor]:
+        return knn_neighbours(bank_x, queries, k)
+
+    best = {"faiss": float("inf"), "maect": float("inf")}
+    for _ in range(args.rounds):
+        for name, search in (("faiss", faiss_search), ("maect", maect_search)):
+            result, seconds = timed(search, device)
+            best[name] = min(best[name], seconds)
+            if name == "faiss":
+                faiss_result = result
+            else:
+                maect_result = result
+    same_sets = (maect_result[1].sort(1).values == faiss_result[1].sort(1).values).all(1)
+
+    def vote(sims: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        votes = torch.zeros(len(ids), bank.classes, dtype=torch.float64)
+        return votes.scatter_add_(1, bank.train_y[ids], (sims.double() / temp).exp()).argmax(1)
+
+    same_pred = (vote(*maect_result) == vote(*faiss_result)).double().mean()
+    threads = torch.get_num_threads()
+    ours = Row(
+        bank.label,
+        "knn search",
+        f"maect neighbour search (cpu, best of {args.rounds})",
+        best["maect"],
+        f"{100 * float(same_sets.double().mean()):.2f}% same neighbour sets, "
+        f"{100 * float(same_pred):.2f}% same predictions",
+    )
+    peer = Row(
+        bank.label,
+        "knn search",
+        f"faiss IndexFlatIP ({threads} threads, best of {args.rounds})",
+        best["faiss"],
+        f"faiss {faiss.__version__}",
+    )
+    return [*versus([ours], peer), peer]
+
+
 def bench_knn(bank: Bank, args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """maect's k-NN vs scikit-learn brute force (CPU) and lightly's ``knn_predict``."""
+    """maect's k-NN vs scikit-learn brute force (CPU), lightly's ``knn_predict`` and FAISS."""
     k, temp = args.k, args.temperature
     train_x, train_y, test_x = (t.to(device) for t in (bank.train_x, bank.train_y, bank.test_x))
     test_y = bank.test_y.to(device)
@@ -228,6 +293,7 @@ def bench_knn(bank: Bank, args: argparse.Namespace, device: torch.device) -> lis
         lightly,
         *versus([dataclasses.replace(maect)], untiled),
         untiled,
+        *faiss_rows(bank, args, device),
     ]
 
 
@@ -336,6 +402,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=0, help="synthetic classes")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds vs FAISS (best)")
     parser.add_argument(
         "--sklearn-queries", type=int, default=0, help="timed, then scaled (0: 10k CPU, 500 CUDA)"
     )

@@ -93,11 +93,49 @@ def test_chunked_equals_unchunked(data, chunk_size):
 
 def test_tile_rows_rule():
     cpu = torch.device("cpu")
-    assert knn_module._tile_rows(60_000, 20, cpu) == 8192
-    assert knn_module._tile_rows(60_000, 64, cpu) == 8192
-    assert knn_module._tile_rows(60_000, 65, cpu) == 60_000  # large k: one block
-    assert knn_module._tile_rows(16_383, 20, cpu) == 16_383  # under two tiles: one block
-    assert knn_module._tile_rows(60_000, 20, torch.device("meta")) == 60_000
+    assert knn_module._tile_rows(60_000, cpu) == 1024
+    assert knn_module._tile_rows(500, cpu) == 500  # a small bank is one tile
+    assert knn_module._tile_rows(60_000, torch.device("meta")) == 60_000  # off CPU: one block
+    assert knn_module._chunk_size(1024, cpu, 4) == 4096  # 16 MiB float32 blocks
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_running_topk_equals_one_topk(k):
+    """Blocks merged one after another (a threshold per query) give the top-k of the whole."""
+    gen = torch.Generator().manual_seed(k)
+    sims = torch.randn(50, 700, generator=gen, dtype=torch.float64)
+    sims[3] = torch.linspace(-1, 1, 700, dtype=torch.float64)  # increasing: every block merges
+    sims[4] = torch.linspace(1, -1, 700, dtype=torch.float64)  # decreasing: no block merges
+    best = knn_module._RunningTopK(sims[:, :64], k)
+    for start in range(64, 700, 64):
+        best.offer(sims[:, start : start + 64], start)
+    values, indices = sims.topk(k, dim=1)
+    torch.testing.assert_close(best.values, values, rtol=0, atol=0)
+    assert torch.equal(best.indices.sort(1).values, indices.sort(1).values)
+
+
+def test_similarities_are_float32_exact():
+    """The CPU product (oneDNN where available) agrees with float64 to float32 rounding, and
+    with the plain matmul fallback."""
+    gen = torch.Generator().manual_seed(0)
+    queries, rows = torch.randn(300, 96, generator=gen), torch.randn(1100, 96, generator=gen)
+    reference = queries.double() @ rows.double().T
+    product = knn_module.similarities(queries, rows)
+    assert product.dtype == torch.float32 and product.shape == (300, 1100)
+    error = (product.double() - reference).norm() / reference.norm()
+    assert error < 1e-6
+    torch.testing.assert_close(product, queries @ rows.T, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_search_with_and_without_onednn(data, monkeypatch):
+    """The CPU tiles with oneDNN products find the neighbours of the plain matmul search."""
+    train_x, train_y, test_x, _ = (torch.as_tensor(a) for a in data)
+    train_x, test_x = train_x.float().repeat(8, 1), test_x.float()  # 2400 rows: 3 tiles
+    train_y = train_y.repeat(8)
+    fast = knn_votes(train_x, train_y, test_x, k=20, num_classes=6)
+    monkeypatch.setattr(knn_module, "_ONEDNN", False)
+    plain = knn_votes(train_x, train_y, test_x, k=20, num_classes=6)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("k", "tile_rows"), [(1, 40), (7, 40), (20, 40), (100, 100), (20, 7)])

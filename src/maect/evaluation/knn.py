@@ -4,13 +4,14 @@ Features are L2-normalised, neighbours are ranked by cosine similarity, and each
 ``k`` nearest training samples votes for its class with weight ``exp(sim / temperature)``.
 The predicted class is the one with the largest summed vote.
 
-The search is exact (float32 similarities when the features are float32). On CPU, for
-``k <= 64``, the bank is searched in tiles of 8192 rows: each ``[queries, tile]`` similarity
-block (16 MiB) stays in cache for its top-k, and the per-tile winners are merged. Measured at
-k=20: 1.3x faster than the whole bank per block on cached 192-d features, 1.4x on a
-200k x 384 bank; at k=200 tiling was slower, so larger k search the whole bank per block
-(docs/performance.md). Of bank rows with exactly equal similarity, which are kept is arbitrary
-and can depend on the tiling (as in any top-k).
+The search is exact (float32 similarities when the features are float32). On a GPU each chunk
+of queries is compared with the whole bank and the top-k taken at once. On CPU the search streams
+the bank in tiles of 1024 rows against chunks of up to 4096 queries (a 16 MiB similarity block,
+the blocking of FAISS's exact flat search): the first tile's top-k sets a per-query threshold,
+only the similarities above it in later tiles are merged into the running top-k, and the
+products run through oneDNN where PyTorch has it (2.2x MKL's sgemm on an AMD EPYC, equal
+accuracy; docs/performance.md). Of bank rows whose similarities tie (or differ by float32
+rounding of the product), which are kept is arbitrary and can differ from another exact search.
 """
 
 from __future__ import annotations
@@ -29,49 +30,97 @@ from maect.evaluation._common import (
     check_same_length,
 )
 
-_CPU_SIMILARITY_BUDGET = 512 * 2**20  # bytes for one [chunk, N_train] similarity block on CPU
+_CPU_TILE = 1024  # bank rows per CPU tile: a tile of 1024 x D floats stays in L2 cache
+_CPU_BLOCK_BUDGET = 16 * 2**20  # bytes of one [chunk, tile] similarity block on CPU
 _CUDA_FREE_FRACTION = 0.25  # fraction of free GPU memory given to the block (top-k needs more)
-_CPU_TILE_BUDGET = 16 * 2**20  # bytes for one [chunk, tile] similarity block on CPU (cache-sized)
-_CPU_TILE = 8192  # bank rows per CPU tile
-_MAX_TILED_K = 64  # above this, per-tile top-k costs more than the cache saves (measured)
 
 
-def _tile_rows(n_bank: int, k: int, device: torch.device) -> int:
-    """Bank rows per tile; ``n_bank`` (one block) off CPU, for large k or under two tiles."""
-    tiled = device.type == "cpu" and k <= _MAX_TILED_K and n_bank >= 2 * _CPU_TILE
-    return _CPU_TILE if tiled else n_bank
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _chunk_size(tile: int, n_bank: int, k: int, device: torch.device, itemsize: int) -> int:
-    """Number of queries whose ``[chunk, tile]`` similarity block fits its budget and whose
-    per-tile winners (values and indices of every tile, concatenated) fit the memory budget."""
+_ONEDNN = _onednn_available()
+
+
+def similarities(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``queries @ rows.T``; float32 on CPU through oneDNN when PyTorch has it (MKL's sgemm ran
+    at 0.45x oneDNN's speed on an AMD EPYC, benchmarks/eval.py), else ``torch.mm``."""
+    if _ONEDNN and queries.device.type == "cpu" and queries.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(queries, rows, None, "none", [], "")
+    return queries @ rows.T
+
+
+def _tile_rows(n_bank: int, device: torch.device) -> int:
+    """Bank rows per similarity block: CPU tiles, or the whole bank off CPU."""
+    return min(_CPU_TILE, n_bank) if device.type == "cpu" else n_bank
+
+
+def _chunk_size(tile: int, device: torch.device, itemsize: int) -> int:
+    """Number of queries whose ``[chunk, tile]`` similarity block fits its memory budget."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = block_budget = int(free * _CUDA_FREE_FRACTION)
+        budget = int(free * _CUDA_FREE_FRACTION)
     else:
-        budget = _CPU_SIMILARITY_BUDGET
-        block_budget = _CPU_TILE_BUDGET if tile < n_bank else budget
-    chunk = block_budget // (tile * itemsize)
-    n_tiles = -(-n_bank // tile)
-    if n_tiles > 1:
-        chunk = min(chunk, budget // (2 * n_tiles * min(k, tile) * (itemsize + 8)))
-    return max(1, chunk)
+        budget = _CPU_BLOCK_BUDGET
+    return max(1, budget // (tile * itemsize))
+
+
+class _RunningTopK:
+    """The ``k`` largest similarities per query seen so far, with their bank indices.
+
+    Later blocks contribute only the entries above each query's current k-th value, so after
+    the first tiles a block costs a comparison instead of a top-k."""
+
+    def __init__(self, block: torch.Tensor, k: int) -> None:
+        self.k = k
+        self.values, self.indices = block.topk(k, dim=1)
+
+    def offer(self, block: torch.Tensor, offset: int) -> None:
+        """Merge ``block`` (similarities of bank rows ``offset ...``) into the running top-k."""
+        rows, cols = (block > self.values[:, -1:]).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        hit, counts = torch.unique_consecutive(rows, return_counts=True)  # rows come sorted
+        slot = torch.repeat_interleave(torch.arange(len(hit), device=rows.device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        position = torch.arange(rows.numel(), device=rows.device) - first[slot]
+        width = int(counts.max())
+        values = block.new_full((len(hit), width), float("-inf"))
+        indices = torch.zeros(len(hit), width, dtype=torch.long, device=block.device)
+        values[slot, position] = block[rows, cols]
+        indices[slot, position] = cols + offset
+        merged, pick = torch.cat([self.values[hit], values], 1).topk(self.k, dim=1)
+        self.values[hit] = merged
+        self.indices[hit] = torch.cat([self.indices[hit], indices], 1).gather(1, pick)
 
 
 def _topk_similar(
     queries: torch.Tensor, bank: torch.Tensor, k: int, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` similarities and bank indices, searched ``tile`` bank rows at a time."""
-    if tile >= bank.shape[0]:
-        return (queries @ bank.T).topk(k, dim=1)
-    sims, indices = [], []
-    for start in range(0, bank.shape[0], tile):
-        part = bank[start : start + tile]
-        sim, idx = (queries @ part.T).topk(min(k, part.shape[0]), dim=1)
-        sims.append(sim)
-        indices.append(idx + start)
-    sim, pos = torch.cat(sims, dim=1).topk(k, dim=1)
-    return sim, torch.cat(indices, dim=1).gather(1, pos)
+    first = max(tile, k)
+    best = _RunningTopK(similarities(queries, bank[:first]), k)
+    for start in range(first, bank.shape[0], tile):
+        best.offer(similarities(queries, bank[start : start + tile]), start)
+    return best.values, best.indices
+
+
+def knn_neighbours(
+    bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` inner products of each query with the bank rows (the search of
+    :func:`knn_predict`, on already normalised features).
+
+    Returns:
+        ``(similarities [M, k], bank indices [M, k])``, most similar first.
+    """
+    tile = _tile_rows(bank.shape[0], bank.device)
+    chunk_size = chunk_size or _chunk_size(tile, bank.device, bank.element_size())
+    parts = [
+        _topk_similar(queries[start : start + chunk_size].to(bank), bank, k, tile)
+        for start in range(0, queries.shape[0], chunk_size)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _prepare(
@@ -116,9 +165,9 @@ def _iter_votes(
     """
     bank = F.normalize(train_x, dim=1)
     k_max = max(ks)
-    tile = tile_rows or _tile_rows(bank.shape[0], k_max, bank.device)
+    tile = tile_rows or _tile_rows(bank.shape[0], bank.device)
     if chunk_size is None:
-        chunk_size = _chunk_size(tile, bank.shape[0], k_max, bank.device, bank.element_size())
+        chunk_size = _chunk_size(min(tile, bank.shape[0]), bank.device, bank.element_size())
     for start in range(0, test_x.shape[0], chunk_size):
         queries = test_x[start : start + chunk_size].to(device=bank.device, dtype=bank.dtype)
         sim, idx = _topk_similar(F.normalize(queries, dim=1), bank, k_max, tile)
@@ -151,8 +200,8 @@ def knn_votes(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         num_classes: Number of vote columns; defaults to ``max(train_y) + 1``.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
-            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 1024 on CPU, the whole bank on
+            other devices (module doc).
 
     Returns:
         Votes ``[M, num_classes]`` on ``train_x``'s device.
@@ -190,8 +239,8 @@ def knn_predict(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         ks: Additional numbers of neighbours evaluated in the same pass.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
-            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 1024 on CPU, the whole bank on
+            other devices (module doc).
 
     Returns:
         ``{k: predictions [M] (int64, on train_x's device)}`` for each distinct k.
@@ -234,8 +283,8 @@ def knn_accuracy(
         temperature: Vote weight is ``exp(cosine_similarity / temperature)``.
         ks: More numbers of neighbours evaluated in the same pass, e.g. ``(10, 20, 100, 200)``.
         chunk_size: Queries per similarity block; ``None`` picks it from the memory budget.
-        tile_rows: Bank rows per similarity block; ``None``: 8192 on CPU when the largest k is
-            at most 64 and the bank holds two such tiles, else the whole bank (module doc).
+        tile_rows: Bank rows per similarity block; ``None``: 1024 on CPU, the whole bank on
+            other devices (module doc).
 
     Returns:
         ``{"top1": acc at k, "top1@k<k>": acc for k and each value of ks}``.
