@@ -13,7 +13,7 @@ from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.models.ema import ema_update
 from maect.models.heads import NNCLRProjector
 from maect.models.vit import MaskedViT
-from maect.tuning import tune
+from maect.tuning import load_init_encoder, tune
 from tests.conftest import TINY_OVERRIDES
 
 MAECT_TINY = [
@@ -255,3 +255,18 @@ def test_resume_from_checkpoint_with_legacy_predictor_bias_is_refused(maect_cfg,
     torch.save(ckpt, last)
     with pytest.raises(CheckpointError, match="checkpoint to resume from holds an NNCLR predictor"):
         tune(cfg, run)
+
+
+def test_foreign_init_takes_model_num_heads(maect_cfg, tmp_path):
+    """init= a timm state dict (no recorded head count, width 32 not in the standard table):
+    the recipe's model.num_heads builds it; a saved encoder's head count must agree with it."""
+    cfg = maect_cfg()
+    ref = MaskedViT(arch_from_config(cfg))
+    torch.save({"model": ref.state_dict()}, tmp_path / "foreign.pth")
+    foreign = load_config("maect/fmnist_vit_t", [*MAECT_TINY, f"maect.init={tmp_path}/foreign.pth"])
+    assert load_init_encoder(foreign).arch.num_heads == foreign.model.num_heads == 2
+    four = load_config(
+        "maect/fmnist_vit_t", [*MAECT_TINY, "model.num_heads=4", f"maect.init={cfg.maect.init}"]
+    )
+    with pytest.raises(CheckpointError, match="records 2 attention heads, but model.num_heads=4"):
+        load_init_encoder(four)

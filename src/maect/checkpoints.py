@@ -6,13 +6,22 @@ Supported inputs to :func:`load_encoder`:
 - Lightning checkpoints written by maect (``{"state_dict": {"encoder.…": …}}``);
 - facebookresearch/mae checkpoints (``{"model": …}``, ``pos_embed`` with a CLS slot, decoder keys);
 - MAE-CT ``.th`` files (``{"state_dict": …, "ctor_kwargs": …}``, ``pos_embed`` without CLS slot);
-- timm state dicts (plain ``{name: tensor}``).
+- timm state dicts (plain ``{name: tensor}``, ``.pth``/``.bin`` or ``.safetensors``).
+
+The weights give every architecture field except the attention-head count. It is taken from the
+file when the file records it (maect ``encoder.pt``, maect Lightning checkpoints, MAE-CT
+``ctor_kwargs``), else from ``num_heads=`` (the ``model.num_heads`` key of the commands), else from
+:data:`HEADS_BY_WIDTH` for the standard ViT widths; any other width is an error that asks for
+``model.num_heads``: a wrong guess would silently give another model.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +30,28 @@ import torch
 
 from maect.models.vit import MaskedViT, ViTArch
 
-# Heads of the standard ViT widths (head width 64 except ViT-H/g/G).
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+# Heads of the standard ViT widths: every class-token ViT of timm 1.x with that width has that head
+# count (Ti, xsmall/wee, little, S, medium, betwixt, B, B+, L, SO400M, H/14, g/14, G/14; head width
+# 64 up to L). Widths with several head counts in timm (1536: 12, 16 or 24) are left out.
+HEADS_BY_WIDTH = {
+    192: 3,
+    256: 4,
+    320: 5,
+    384: 6,
+    512: 8,
+    640: 10,
+    768: 12,
+    896: 14,
+    1024: 16,
+    1152: 16,
+    1280: 16,
+    1408: 16,
+    1664: 16,
+}
+ACCEPTED = (
+    "a maect run directory, encoder.pt or Lightning .ckpt, a facebookresearch/mae .pth, an "
+    "MAE-CT .th, or a timm state dict (.pth, .bin, .safetensors)"
+)
 PREFIXES = ("module.", "encoder.", "backbone.", "model.")
 IGNORED_PREFIXES = (
     "decoder",
@@ -82,17 +111,89 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], st
         else:
             raise CheckpointError(
                 f"{source} is a directory without encoder.pt or checkpoints/last.ckpt "
-                "(is it a maect run directory whose training has not started?)"
+                "(is it a maect run directory whose training has not started?); "
+                f"accepted: {ACCEPTED}"
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path), str(path)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is an unreadable safetensors file ({err})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # facebookresearch/mae and timm training checkpoints keep their argparse arguments.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        found = _diagnose(path, err)
+        raise CheckpointError(f"{path} is not a readable checkpoint: {found}") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; accepted: {ACCEPTED}"
+        )
     return obj, str(path)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (8-byte header length, then JSON)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _diagnose(path: Path, err: Exception) -> str:
+    """What ``path`` holds instead of a loadable checkpoint, and what is accepted."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(256)
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if size == 0:
+        found = "the file is empty (0 bytes)"
+    elif head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            found = f"a zip archive (PyTorch's format) that is truncated or corrupt ({size} bytes)"
+        elif refused:
+            found = (
+                f"it holds a Python object that a weights-only load refuses ({refused.group(1)}); "
+                "maect never runs code from a checkpoint: save the state dict alone"
+            )
+        else:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if not any(n.endswith("data.pkl") for n in names):
+                found = f"a zip archive, not a PyTorch checkpoint (holds {names[:3]})"
+            else:
+                found = f"a PyTorch zip checkpoint that cannot be read ({_first_line(err)})"
+    elif head[:1] == b"\x80":
+        found = f"a legacy PyTorch pickle, truncated or corrupt ({size} bytes; {_first_line(err)})"
+    elif _is_text(head):
+        preview = head.decode("utf-8", errors="replace").strip().splitlines()
+        found = f"a text file (starts with {preview[0][:40]!r})" if preview else "a blank text file"
+    else:
+        found = f"an unknown format (first bytes {head[:8].hex(' ')}, {size} bytes)"
+    return f"{found}; accepted: {ACCEPTED}"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether ``head`` (the first bytes of a file) reads as printable UTF-8 text."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end
+            return False
+        text = head[: err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def _state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -119,9 +220,28 @@ def _state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict |
     return clean, arch
 
 
+def _lookup(node: Any, *keys: str) -> Any:
+    """``node[k1][k2]...``, or ``None`` where a level is missing or not a mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
+def saved_num_heads(obj: Mapping[str, Any]) -> int | None:
+    """The head count a checkpoint records: maect ``encoder.pt`` (``arch``), maect Lightning
+    checkpoints (the run config in ``hyper_parameters``), MAE-CT ``.th`` (``ctor_kwargs``)."""
+    candidates = (
+        _lookup(obj, "arch", "num_heads"),
+        _lookup(obj, "hyper_parameters", "config", "model", "num_heads"),
+        _lookup(obj, "ctor_kwargs", "attention_heads"),
+    )
+    return next((int(h) for h in candidates if isinstance(h, int) and h > 0), None)
+
+
 def infer_arch(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> ViTArch:
-    """Rebuild the architecture from weight shapes. The head count is not in the weights: it
-    comes from ``num_heads``, else the standard width table, else width / 64."""
+    """Rebuild the architecture from weight shapes. The head count is not in the weights: it is
+    ``num_heads`` when given, else the standard one of the width (:data:`HEADS_BY_WIDTH`); any
+    other width raises :class:`CheckpointError` asking for ``model.num_heads``."""
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(
             "not a ViT encoder state dict: missing patch_embed.proj.weight or pos_embed "
@@ -134,7 +254,16 @@ def infer_arch(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
         grid = int(round(tokens**0.5))
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * embed_dim
-    heads = num_heads or HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64))
+    heads = num_heads or HEADS_BY_WIDTH.get(embed_dim)
+    if heads is None:
+        raise CheckpointError(
+            f"the weights do not record the attention-head count and width {embed_dim} is not a "
+            "standard ViT width (known: "
+            f"{', '.join(f'{w}: {h}' for w, h in HEADS_BY_WIDTH.items())}); "
+            "give it as model.num_heads=N"
+        )
+    if embed_dim % heads:
+        raise CheckpointError(f"model.num_heads={heads} does not divide the width {embed_dim}")
     return ViTArch(
         img_size=grid * patch,
         patch_size=patch,
@@ -151,15 +280,30 @@ def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None =
     """Load a ViT encoder (a ``timm.models.VisionTransformer``) from a run directory, a
     checkpoint file or a state dict; the architecture is inferred from the weights.
 
+    Args:
+        source: A run directory, a checkpoint file in one of the formats of this module, or a
+            state dict.
+        num_heads: Attention heads per block (the ``model.num_heads`` key of the commands). It
+            must agree with the count the checkpoint records, if any; it is required for a
+            checkpoint that records none and whose width is not in :data:`HEADS_BY_WIDTH`.
+
     ``forward_features(x)`` of the result returns the normed tokens ``[B, 1 + N, D]``.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong with it.
     """
     obj, name = _read(source)
+    recorded = saved_num_heads(obj)
+    if recorded is not None and num_heads is not None and recorded != num_heads:
+        raise CheckpointError(
+            f"{name} records {recorded} attention heads, but model.num_heads={num_heads} was given"
+        )
     state, saved_arch = _state_dict(obj)
     if saved_arch is not None:
         arch = ViTArch(**saved_arch)
     else:
         try:
-            arch = infer_arch(state, num_heads)
+            arch = infer_arch(state, recorded or num_heads)
         except CheckpointError as err:
             raise CheckpointError(f"{name}: {err}") from None
     if "pos_embed" in state and state["pos_embed"].shape[1] == arch.num_patches:
@@ -169,7 +313,7 @@ def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None =
     try:
         result = encoder.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise CheckpointError(f"{name}: weights do not fit {arch}: {err}") from None
+        raise CheckpointError(f"{name}: weights do not fit {arch}: {_first_line(err)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{name}: weights do not fit the inferred {arch}: missing {result.missing_keys[:5]}, "
