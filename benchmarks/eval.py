@@ -145,7 +145,7 @@ def bench_extract(args: argparse.Namespace, device: torch.device) -> list[Row]:
         images,
         torch.zeros(len(images), dtype=torch.long),
         num_classes=1,
-        transform=eval_transform(m.img_size, m.img_size, m.in_chans, mean, std),
+        transform=eval_transform(m.img_size, m.in_chans, mean, std),
     )
     batch = min(args.extract_batch, len(images))
 

@@ -47,7 +47,7 @@ class PartlyUnreadable(TensorImageDataset):
 def dataset(size: int = 23) -> PartlyUnreadable:
     base = make_synthetic(size, True)  # 23, odd: the two shards differ in length
     data = PartlyUnreadable(base.images, base.labels, base.num_classes)
-    data.transform = eval_transform(28, 28, 1, (0.5,), (0.25,))
+    data.transform = eval_transform(28, 1, (0.5,), (0.25,))
     return data
 
 

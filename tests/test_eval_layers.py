@@ -35,7 +35,7 @@ def encoder():
 @pytest.fixture
 def images():
     dataset = make_synthetic(12, True)
-    dataset.transform = eval_transform(28, 28, 1, (0.5,), (0.25,))
+    dataset.transform = eval_transform(28, 1, (0.5,), (0.25,))
     return dataset
 
 

@@ -37,7 +37,7 @@ QUICK = ["linear.epochs=2", "lowshot.seeds=0", "plot_points=40", "progress=false
 
 def synthetic(size: int, train: bool = True):
     dataset = make_synthetic(size, train)
-    dataset.transform = eval_transform(28, 28, 1, (0.5,), (0.25,))
+    dataset.transform = eval_transform(28, 1, (0.5,), (0.25,))
     return dataset
 
 

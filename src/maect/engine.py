@@ -140,8 +140,7 @@ def training_dataset(cfg: RunConfig) -> ImageDataset:
 def preview_images(cfg: RunConfig, dataset: ImageDataset) -> torch.Tensor:
     """A fixed batch of evaluation-view images spread over the training set."""
     mean, std = normalization_stats(cfg.data.name, cfg.model.in_chans)
-    first = dataset.load_image(0)
-    transform = eval_transform(cfg.model.img_size, first.shape[-1], cfg.model.in_chans, mean, std)
+    transform = eval_transform(cfg.model.img_size, cfg.model.in_chans, mean, std)
     stride = max(1, len(dataset) // PREVIEW_IMAGES)
     images = []
     for index in range(0, len(dataset), stride):

@@ -78,6 +78,21 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset is not where it was looked for; the message says where and how to get it."""
 
 
+class UnreadableImageError(DataNotFoundError):
+    """An image cannot be read and ``data.strict=true``; the message names the file.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``UnreadableImageError("Caught UnreadableImageError in DataLoader worker process N. Original
+    Traceback ...")``; the constructor cuts that back to the original one-line message.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class ImageDataset(Dataset):
     """Base class: images as uint8 ``[C, H, W]`` tensors with integer labels (-1 if unlabeled).
 
@@ -126,23 +141,97 @@ class TensorImageDataset(ImageDataset):
         return self.images[index]
 
 
-class ImageFolderDataset(ImageDataset):
-    """A class-per-subfolder image tree; unreadable files are skipped (or raise when strict)."""
+# Transparent pixels are composited onto white (as a page shows them).
+ALPHA_BACKGROUND = 255.0
 
-    def __init__(self, root: Path, transform=None, strict: bool = False) -> None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classes:
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """An opened image as uint8 RGB ``[H, W, 3]``, every PIL mode by its meaning.
+
+    - 16-bit and 32-bit integer grayscale (``I;16*``, ``I``): values 0-65535 scaled to 0-255
+      (``round(v / 257)``); values outside that range are refused (their scale is unknown);
+    - 32-bit float grayscale (``F``): values in [0, 1] scaled to 0-255; others are refused;
+    - anything with an alpha channel or a transparent colour (``RGBA``, ``LA``, ``PA``,
+      ``RGBa``, ``P``/``L``/``RGB`` with ``transparency``): composited onto white;
+    - the rest (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``, 16-bit RGB
+      PNGs, which PIL reads as 8-bit ``RGB``): PIL's conversion to RGB.
+
+    Raises:
+        ValueError: a mode or value range that cannot be converted, named in the message.
+    """
+    mode = img.mode
+    if mode == "F" or mode == "I" or mode.startswith("I;"):
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (1.0, "[0, 1]") if mode == "F" else (65535.0, "0-65535")
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > low:
+            raise ValueError(
+                f"mode {mode} image with values from {values.min():g} to {values.max():g}; "
+                f"only {high} is read (convert it to 8-bit)"
+            )
+        gray = np.rint(values * (255.0 / low)).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if "A" in mode or "a" in mode or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        return np.rint(rgb).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of an ImageFolder split: its non-hidden subfolders, sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
+
+
+class ImageFolderDataset(ImageDataset):
+    """A class-per-subfolder image tree; unreadable files are skipped (or raise when strict).
+
+    ``classes`` fixes the label of each class name (the training split's classes, so that the
+    validation split labels the same class alike even when it lacks some); by default the split's
+    own class folders. Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are not
+    read; subfolders are walked in sorted order, so the sample order is the same on every machine.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        transform=None,
+        strict: bool = False,
+        classes: list[str] | None = None,
+    ) -> None:
+        present = class_folders(root)
+        if not present:
             raise DataNotFoundError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        classes = present if classes is None else classes
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise DataNotFoundError(
+                f"class folders of {root} that the training split does not have: "
+                f"{', '.join(unknown)} (labels must mean the same classes in train/ and val/)"
+            )
         files: list[str] = []
         labels: list[int] = []
-        for label, name in enumerate(classes):
-            for dirpath, _, names in os.walk(root / name, followlinks=True):
-                for fname in sorted(names):
-                    if fname.lower().endswith(IMAGE_EXTENSIONS):
-                        files.append(os.path.join(dirpath, fname))
-                        labels.append(label)
-        if not files:
-            raise DataNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root}")
+        empty: list[str] = []
+        for name in present:
+            found = [
+                os.path.join(dirpath, fname)
+                for dirpath, dirnames, names in _sorted_walk(root / name)
+                for fname in names
+                if _visible(fname) and fname.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+            if not found:
+                empty.append(name)
+            files += found
+            labels += [classes.index(name)] * len(found)
+        if empty:
+            raise DataNotFoundError(
+                f"class folders of {root} without images ({', '.join(IMAGE_EXTENSIONS)}): "
+                f"{', '.join(empty)}"
+            )
         super().__init__(torch.tensor(labels), transform)
         self.files = files
         self.classes = classes
@@ -154,13 +243,23 @@ class ImageFolderDataset(ImageDataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                array = pil_to_rgb(img)
         except (OSError, ValueError, SyntaxError) as err:
             if self.strict:
-                raise RuntimeError(f"unreadable image {path}: {err} (data.strict=true)") from err
+                raise UnreadableImageError(
+                    f"unreadable image {path}: {err} (data.strict=true)"
+                ) from None
             log.warning("skipping unreadable image %s: %s", path, err)
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _sorted_walk(folder: Path):
+    """``os.walk`` (following links) with folders and files in sorted order, hidden folders
+    skipped."""
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        yield dirpath, dirnames, sorted(names)
 
 
 # --------------------------------------------------------------------------- readers
@@ -189,14 +288,12 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_roots(root: str | None) -> list[Path]:
-    """Every folder searched for the Fashion-MNIST IDX files, in order."""
-    candidates = []
+    """Every folder searched for the Fashion-MNIST IDX files, in order: only under ``root`` when
+    one is given (an explicit root that does not hold the data is an error, never a fallback),
+    else ``$MAECT_DATA/fashion-mnist`` and the system copy."""
     if root:
-        candidates += [
-            Path(root),
-            Path(root) / "FashionMNIST" / "raw",
-            Path(root) / "fashion-mnist",
-        ]
+        return [Path(root), Path(root) / "FashionMNIST" / "raw", Path(root) / "fashion-mnist"]
+    candidates = []
     if os.environ.get("MAECT_DATA"):
         candidates.append(Path(os.environ["MAECT_DATA"]) / "fashion-mnist")
     candidates.append(Path(FMNIST_SYSTEM_ROOT))
@@ -209,28 +306,43 @@ def load_fashion_mnist(root: str | None, train: bool, download: bool) -> TensorI
     if download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(root or ".", train=train, download=True)
+        FashionMNIST(_torchvision_root("fashion-mnist", root), train=train, download=True)
     for folder in fashion_mnist_roots(root):
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
-            x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
-            y = torch.from_numpy(read_idx(labels).astype(np.int64))
+            try:
+                x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
+                y = torch.from_numpy(read_idx(labels).astype(np.int64))
+            except (ValueError, OSError, EOFError) as err:  # truncated, not IDX, bad gzip
+                message = f"unreadable Fashion-MNIST file in {folder}: {err}"
+                raise DataNotFoundError(message) from None
+            if len(x) != len(y):
+                raise DataNotFoundError(
+                    f"Fashion-MNIST in {folder}: {len(x)} images but {len(y)} labels"
+                )
             return TensorImageDataset(x, y, num_classes=10)
-    looked = "\n  ".join(str(p) for p in fashion_mnist_roots(root))
+    files = f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]"
+    looked = ", ".join(str(p) for p in fashion_mnist_roots(root))
+    if root:
+        raise DataNotFoundError(
+            f"data.root={root} does not hold Fashion-MNIST: expected {files} in one of {looked} "
+            "(add data.download=true to download it there, or leave data.root unset to use "
+            f"$MAECT_DATA/fashion-mnist or {FMNIST_SYSTEM_ROOT})"
+        )
     raise DataNotFoundError(
-        f"Fashion-MNIST ({prefix}-images-idx3-ubyte[.gz]) not found. Looked in:\n  {looked}\n"
+        f"Fashion-MNIST ({files}) not found in {looked}. "
         "Get it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to "
         f"{FMNIST_SYSTEM_ROOT}), point data.root at a folder holding the IDX files, "
-        "or set data.download=true to let torchvision download it into data.root."
+        "or set data.root and data.download=true to let torchvision download it there."
     )
 
 
 def _torchvision_root(name: str, root: str | None) -> str:
     if not root:
         raise DataNotFoundError(
-            f"{name} needs data.root (a folder in torchvision's layout); add data.download=true "
-            "to download it there"
+            f"{name} needs data.root (a folder in torchvision's layout, or the folder that "
+            "data.download=true downloads into)"
         )
     return root
 
@@ -245,7 +357,8 @@ def load_cifar(name: str, root: str | None, train: bool, download: bool) -> Tens
         ds = cls(path, train=train, download=download)
     except RuntimeError as err:
         raise DataNotFoundError(
-            f"{name} not found under {path} ({err}). Set data.download=true to download it there."
+            f"data.root={path} does not hold {name} in torchvision's layout ({err}); add "
+            "data.download=true to download it there"
         ) from err
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return TensorImageDataset(x, torch.tensor(ds.targets), num_classes=len(ds.classes))
@@ -260,7 +373,8 @@ def load_stl10(root: str | None, split: str, download: bool) -> TensorImageDatas
         ds = STL10(path, split=split, download=download)
     except RuntimeError as err:
         raise DataNotFoundError(
-            f"stl10 not found under {path} ({err}). Set data.download=true to download it there."
+            f"data.root={path} does not hold stl10 in torchvision's layout ({err}); add "
+            "data.download=true to download it there"
         ) from err
     return TensorImageDataset(torch.from_numpy(ds.data), torch.from_numpy(ds.labels), 10)
 
@@ -318,9 +432,12 @@ def build_dataset(
         split = Path(root) / ("train" if train else "val")
         if not split.is_dir():
             raise DataNotFoundError(
-                f"imagefolder split not found: {split} (expected train/ and val/)"
+                f"imagefolder split not found: {split} (data.root={root} must hold train/ and "
+                "val/, each with one folder per class)"
             )
-        return ImageFolderDataset(split, strict=strict)
+        train_split = Path(root) / "train"
+        classes = None if train or not train_split.is_dir() else class_folders(train_split)
+        return ImageFolderDataset(split, strict=strict, classes=classes)
     raise ValueError(f"unknown dataset '{name}'")
 
 

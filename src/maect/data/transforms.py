@@ -53,25 +53,37 @@ def mae_transform(
     )
 
 
-def eval_view(img_size: int, source_size: int, channels: int) -> T.Compose:
-    """The uint8 part of :func:`eval_transform`: channels matched, resized to
-    ``img_size / 0.875`` and centre-cropped, unless the source already has the model's size."""
-    ops: list[T.Transform] = [match_channels(channels)]
-    if source_size != img_size:
-        resize = round(img_size / EVAL_CROP_PCT) if source_size > img_size else img_size
-        ops += [
-            T.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(img_size),
-        ]
-    return T.Compose(ops)
+class FitToSize:
+    """Brings every image to ``size x size`` on its own, whatever the others' sizes: an image of
+    exactly that size is kept as is (no resampling); one whose short side is smaller is resized
+    (short side to ``size``) and centre-cropped; any other is resized (short side to
+    ``size / 0.875``, the usual evaluation crop) and centre-cropped. Bicubic, antialiased."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.crop = T.CenterCrop(size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if height == width == self.size:
+            return image
+        short = min(height, width)
+        target = self.size if short < self.size else round(self.size / EVAL_CROP_PCT)
+        resize = T.Resize(target, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return self.crop(resize(image))
+
+
+def eval_view(img_size: int, channels: int) -> T.Compose:
+    """The uint8 part of :func:`eval_transform`: channels matched, brought to the model's size by
+    :class:`FitToSize` (each image by its own size)."""
+    return T.Compose([match_channels(channels), FitToSize(img_size)])
 
 
 def eval_transform(
-    img_size: int, source_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
+    img_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> T.Compose:
-    """Deterministic evaluation view: resize to ``img_size / 0.875`` + centre crop, unless the
-    source already has the model's size (then no resampling at all), then normalise."""
-    return T.Compose([eval_view(img_size, source_size, channels), to_normalized(mean, std)])
+    """Deterministic evaluation view of any image: :func:`eval_view`, then normalised."""
+    return T.Compose([eval_view(img_size, channels), to_normalized(mean, std)])
 
 
 def augmented_view(

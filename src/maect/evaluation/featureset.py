@@ -194,14 +194,19 @@ def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> Fea
     blocks = resolve_layers(cfg, src)
     baseline = _read_baseline(cfg)
 
-    first = test.dataset.load_image(0)
-    if arch is None:  # pixels: the images as they are
+    if arch is None:  # pixels: every image brought to the size of the first readable one
+        first = next(
+            (im for i in range(len(test.dataset)) if (im := test.dataset.load_image(i)) is not None),
+            None,
+        )
+        if first is None:
+            raise ConfigError("the test split holds no readable image")
         img_size, channels = first.shape[-1], first.shape[0]
     mean, std = normalization_stats(norm_name, channels)
-    view = eval_view(img_size, first.shape[-1], channels)
+    view = eval_view(img_size, channels)
     normalize = to_normalized(mean, std)
     description = (
-        f"eval:img{img_size}:src{first.shape[-1]}:ch{channels}:crop{EVAL_CROP_PCT}"
+        f"eval:img{img_size}:fit:ch{channels}:crop{EVAL_CROP_PCT}"
         f":mean{list(mean)}:std{list(std)}"
     )
     pooling = cfg.pooling if arch else "flatten"

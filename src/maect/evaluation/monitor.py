@@ -141,8 +141,7 @@ def build_monitor(
     subsets = []
     for dataset, size in ((train, bank_size), (test, query_size)):
         subset = SubsetDataset(dataset, balanced_subset(dataset.labels, size, cfg.trainer.seed))
-        source_size = subset.load_image(0).shape[-1]
-        subset.transform = eval_transform(m.img_size, source_size, m.in_chans, mean, std)
+        subset.transform = eval_transform(m.img_size, m.in_chans, mean, std)
         subsets.append(subset)
     pooling = cfg.maect.pooling if cfg.method == "maect" else "cls"
     return OnlineKNN(*subsets, every=every, pooling=pooling, batch_size=d.batch_size)
