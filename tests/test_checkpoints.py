@@ -98,7 +98,8 @@ def test_errors_are_clear(tmp_path):
         load_encoder(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_encoder(tmp_path / "missing.pt")
-    with pytest.raises(CheckpointError, match="without encoder.pt"):
+    (tmp_path / "tb").mkdir()
+    with pytest.raises(CheckpointError, match=r"without encoder.pt .* \(it holds junk.pt, tb/;"):
         load_encoder(tmp_path)
     with pytest.raises(CheckpointError, match="not a ViT encoder"):
         load_encoder({"weight": torch.zeros(3)})

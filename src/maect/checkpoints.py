@@ -109,9 +109,11 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], st
                 path = candidate
                 break
         else:
+            held = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+            holds = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "") or "nothing"
             raise CheckpointError(
-                f"{source} is a directory without encoder.pt or checkpoints/last.ckpt "
-                "(is it a maect run directory whose training has not started?); "
+                f"{source} is a directory without encoder.pt or checkpoints/last.ckpt (it holds "
+                f"{holds}; a maect run directory has them once training has started); "
                 f"accepted: {ACCEPTED}"
             )
     if not path.is_file():
