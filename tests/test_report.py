@@ -1,6 +1,7 @@
 """``maect report``: the HTML page of a run and of a pipeline, and its rendering in Chromium."""
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -10,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from maect.cli import main
-from maect.report import curve_panels, read_metrics, write_report
+from maect.report import curve_panels, curves_svg, read_metrics, write_report
 
 CONFIG = """method: mae
 recipe: mae/fmnist_vit_t
@@ -280,3 +282,108 @@ def test_report_renders_in_chromium(tmp_path):
     assert dom.count('src="data:image/svg+xml;base64,') == 3
     # Decoded and laid out: the reconstruction and embedding colours are on screen.
     assert has_color(shot, RECON_COLOR) and has_color(shot, EMBED_COLOR)
+
+
+# --------------------------------------------------------------------------- header, labels, units
+
+DATE = r"\d{4}-\d\d-\d\d \d\d:\d\d UTC"
+
+
+def meta_line(page: str) -> str:
+    return re.search(r'<p class="meta">(<span>.*?)</p>', page).group(1)
+
+
+def test_times_come_from_run_json_in_one_format(tmp_path):
+    """'started' was the modification time of config.yaml (moved by any rerun), and the
+    evaluation date was printed in another format (ISO) than the others."""
+    run = make_run(tmp_path / "run")
+    times = {"started": "2024-03-05T07:08:09+00:00", "finished": "2024-03-05T09:10:11Z"}
+    (run / "run.json").write_text(json.dumps(times))
+    os.utime(run / "config.yaml", (1e9, 1e9))  # 2001: must not show
+    page = write_report(run).read_text()
+    meta = meta_line(page)
+    assert "<b>started</b> 2024-03-05 07:08 UTC" in meta
+    assert "<b>finished</b> 2024-03-05 09:10 UTC" in meta
+    assert "<b>evaluated</b> 2025-01-01 00:00 UTC" in meta and "2001" not in meta
+    dates = re.findall(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d[^<]*", re.sub(r"<pre>.*?</pre>", "", page))
+    assert dates and all(re.fullmatch(DATE, d) for d in dates), dates
+    (run / "run.json").write_text(json.dumps({"started": times["started"], "finished": None}))
+    assert "<b>finished</b> not finished" in meta_line(write_report(run).read_text())
+    (run / "run.json").unlink()
+    meta = meta_line(write_report(run).read_text())
+    assert re.search(r"<b>config.yaml written</b> 2001-09-09 01:46 UTC \(no run.json", meta)
+    assert "<b>started</b>" not in meta
+
+
+def test_units_labels_and_subsets(tmp_path):
+    """Timings without a unit, an unlabelled 16-digit hash, and no word on train/test subsets."""
+    run = make_run(tmp_path / "run")
+    result = {
+        **EVAL,
+        "features": {**EVAL["features"], "n_test": 2000, "dataset": "fashion-mnist"},
+        "config": {"data": {"train_subset": 64, "test_subset": None}},
+    }
+    result["features"]["weights"] = "0123456789abcdef"
+    (run / "eval.json").write_text(json.dumps(result))
+    (run / "encoder.pt").write_bytes(b"weights")
+    page = write_report(run).read_text()
+    assert "<td>knn</td>" in page and ">0.50 s</td>" in page and ">3.00 s</td>" in page
+    expected = hashlib.sha256(b"weights").hexdigest()[:12]
+    assert f"<b>SHA-256 of encoder.pt (first 12 hex digits)</b> {expected}" in page
+    assert "weights id (the feature cache&#x27;s key for the evaluated weights)" in page
+    assert (
+        "evaluated on 64 train images (class-balanced subset, data.train_subset) and 2000 test "
+        "images (the whole split) of fashion-mnist" in page
+    )
+    pipeline = write_report(make_pipeline(tmp_path / "pipe")).read_text()
+    comparison = pipeline[pipeline.index("<h2>Comparison") : pipeline.index("Stage mae<")]
+    assert "evaluated on 64 train images (the whole split)" in comparison
+
+
+def test_reconstruction_rows_are_labelled(tmp_path):
+    run = make_run(tmp_path / "run", config=CONFIG + "model:\n  img_size: 28\n")
+    for epoch in range(1, 6):  # three rows of 28-pixel images with 1-pixel padding
+        write_png(run / "reconstructions" / f"epoch_{epoch:04d}.png", RECON_COLOR, (88, 88))
+    page = write_report(run).read_text()
+    labels = "<span>input</span><span>masked</span><span>reconstruction</span>"
+    assert page.count(f'<div class="rowlabels">{labels}</div>') == 3
+    assert "after epoch 5: rows input / masked / reconstruction" in page
+    write_png(run / "reconstructions" / "epoch_0005.png", RECON_COLOR, (88, 146))  # five rows
+    assert "rows input / masked / reconstruction / noisy input / predicted noise" in (
+        write_report(run).read_text()
+    )
+
+
+def test_single_point_curves_get_a_marker_a_note_and_whole_steps(monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays text
+    svg = curves_svg([("loss (total)", {"per step": [(3.0, 0.5)]})]).decode()
+    assert "only step 3 logged so far" in svg and "optimizer step" in svg
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert texts[:4] == ["2", "3", "4", "optimizer step"], (
+        texts
+    )  # whole steps around the point, not 2.96 ... 3.04
+    assert svg.count('id="m') >= 1  # the point is drawn as a marker
+
+
+def test_embedding_legend_is_beside_the_points(tmp_path, monkeypatch):
+    """The t-SNE legend was placed 'best' inside the axes, over points."""
+    from matplotlib.figure import Figure
+
+    from maect.evaluation.command import save_embedding_plot
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=gen) + torch.arange(200).remainder(10)[:, None]
+    y = torch.arange(200).remainder(10)
+    save_embedding_plot(x, y, tmp_path / "embedding.png", 200, 0, "test", ("a",) * 10)
+    (fig,) = saved
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent())
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1  # and inside the image

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import json
 import math
@@ -26,11 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from maect.config import ConfigError
 from maect.pipeline import COLUMNS
 
 REPORT_NAME = "report.html"
+RUN_TIMES = "run.json"  # {"started": ISO 8601 UTC, "finished": ISO 8601 UTC or null}
+TIME_FORMAT = "%Y-%m-%d %H:%M UTC"  # every date on the page
+# Rows of a reconstruction grid by their number (the ``preview`` methods of MAE and CAN; CAN
+# shows the rows whose modules its configuration has).
+GRID_ROWS = {
+    1: ("input",),
+    2: ("input", "noisy input"),
+    3: ("input", "masked", "reconstruction"),
+    5: ("input", "masked", "reconstruction", "noisy input", "predicted noise"),
+}
+GRID_PADDING = 1  # pixels between grid cells (maect.viz.image_grid)
 # Stage folders of a ``maect tune`` run, each with its own metrics.csv.
 TUNE_STAGES = (("head", "stage 2: NNCLR head"), ("tune", "stage 3: contrastive tuning"))
 # eval.json sections shown in the metrics table, in this order; others follow, "config" is shown
@@ -57,6 +70,10 @@ img { max-width: 100%; height: auto; } img.pixels { image-rendering: pixelated; 
 pre { background: #f6f6f8; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: 600; }
 nav a { margin-right: 1em; }
+.grid { display: flex; align-items: stretch; gap: 0.5em; }
+.grid img { min-width: 0; flex: 1 1 auto; }
+.rowlabels { display: flex; flex-direction: column; justify-content: space-around;
+  text-align: right; color: #555; font-size: 0.85em; white-space: nowrap; }
 """
 
 
@@ -179,6 +196,7 @@ def curve_panels(series: dict[str, Points]) -> list[tuple[str, dict[str, Points]
 def curves_svg(panels: list[tuple[str, dict[str, Points]]]) -> bytes:
     """The panels as one SVG figure, three per row (matplotlib, no global backend state)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -189,8 +207,22 @@ def curves_svg(panels: list[tuple[str, dict[str, Points]]]) -> bytes:
             xs, ys = zip(*points, strict=True)
             sparse = len(points) <= 30 or label == "epoch mean"
             ax.plot(xs, ys, label=label, marker="o" if sparse else None, markersize=3, lw=1.2)
+        steps = {x for points in lines.values() for x, _ in points}
+        if len(steps) == 1:  # one logged step: a marker on a few steps around it, and a note
+            (step,) = steps
+            ax.set_xlim(step - 1, step + 1)
+            ax.text(
+                0.5,
+                0.05,
+                f"only step {step:g} logged so far",
+                transform=ax.transAxes,
+                ha="center",
+                fontsize=7,
+                color="#555",
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(lines) > 1:
@@ -266,8 +298,44 @@ def table(header: list[str], rows: list[list[Any]], numeric_from: int = 1) -> st
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+# Labels of eval.json entries whose key alone does not say what they are.
+METRIC_LABELS = {
+    ("features", "weights"): "weights id (the feature cache's key for the evaluated weights)",
+}
+
+
+def metric_cells(section: str, metric: str, value: Any) -> list[Any]:
+    """The metric and value cells of one eval.json entry; timings carry their unit (seconds)."""
+    if section == "timing" and isinstance(value, int | float):
+        value = f"{value:.2f} s"
+    return [METRIC_LABELS.get((section, metric), metric), value]
+
+
+def evaluated_on(result: dict[str, Any]) -> str:
+    """Which images the numbers are on: the train and test counts, and whether each is a
+    class-balanced subset (``data.train_subset`` / ``data.test_subset``) or the whole split."""
+    features = result.get("features") or {}
+    data = (result.get("config") or {}).get("data") or {}
+    parts = []
+    for split in ("train", "test"):
+        count = features.get(f"n_{split}")
+        subset = data.get(f"{split}_subset") if isinstance(data, dict) else None
+        if not isinstance(count, int):
+            continue
+        if isinstance(subset, int) and count == subset:  # a larger subset keeps the whole split
+            parts.append(f"{count} {split} images (class-balanced subset, data.{split}_subset)")
+        else:
+            parts.append(f"{count} {split} images (the whole split)")
+    if not parts:
+        return ""
+    dataset = features.get("dataset")
+    on = f" of {dataset}" if dataset else ""
+    return f"evaluated on {' and '.join(parts)}{on}; accuracies and clustering scores in %"
+
+
 def metrics_table(run: RunFiles) -> str:
-    """The flattened ``eval.json``: one row per (section, metric)."""
+    """The flattened ``eval.json``: one row per (section, metric), under a line saying which
+    images the numbers are on."""
     if run.eval_result is None:
         return not_available(run.eval_error or "evaluation (eval.json; run maect evaluate)")
     result = run.eval_result
@@ -277,10 +345,12 @@ def metrics_table(run: RunFiles) -> str:
     rows = []
     for section in sections:
         for i, (metric, value) in enumerate(flatten(result[section]).items()):
-            rows.append([section if i == 0 else "", metric, value])
+            rows.append(["" if i else section, *metric_cells(section, metric, value)])
     if not rows:
         return not_available("evaluation results (eval.json is empty)")
-    return table(["section", "metric", "value"], rows, numeric_from=2)
+    caption = evaluated_on(result)
+    note = f'<p class="meta">{escape(caption)}</p>' if caption else ""
+    return note + table(["section", "metric", "value"], rows, numeric_from=2)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -320,6 +390,15 @@ def comparison_section(summary: dict[str, Any], stages: list[RunFiles]) -> str:
     if summary.get("description"):
         parts.append(f"<p>{escape(str(summary['description']))}</p>")
     parts.append(table(header, rows, numeric_from=2) if rows else not_available("evaluations"))
+    captions = {
+        name: caption
+        for name, result in results.items()
+        if isinstance(result, dict) and (caption := evaluated_on(result))
+    }
+    if len(set(captions.values())) == 1:
+        parts.append(f'<p class="meta">{escape(next(iter(captions.values())))}</p>')
+    else:
+        parts += [f'<p class="meta">{escape(n)}: {escape(c)}</p>' for n, c in captions.items()]
     claims = [c for c in summary.get("comparisons") or [] if isinstance(c, dict)]
     if claims:
         claim_rows = [
@@ -362,8 +441,38 @@ def curves_section(run: RunFiles) -> str:
     return "".join(parts)
 
 
+def grid_labels(path: Path, img_size: Any) -> tuple[str, ...]:
+    """The row labels of a reconstruction grid, from its height: ``rows x (img_size + padding)
+    + padding`` pixels. Empty when the height fits no known layout."""
+    if not isinstance(img_size, int) or img_size <= 0:
+        return ()
+    try:
+        with Image.open(path) as image:
+            height = image.height
+    except OSError:
+        return ()
+    rows, rest = divmod(height - GRID_PADDING, img_size + GRID_PADDING)
+    return GRID_ROWS.get(rows, ()) if rest == 0 else ()
+
+
+def grid_figure(path: Path, caption: str, labels: tuple[str, ...]) -> str:
+    """A reconstruction grid with its row labels beside the rows."""
+    if not labels:
+        return png_figure(path, caption, pixels=True)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return not_available(caption)
+    spans = "".join(f"<span>{escape(label)}</span>" for label in labels)
+    return (
+        f'<figure><div class="grid"><div class="rowlabels">{spans}</div>'
+        f'<img class="pixels" src="{data_uri(data, "image/png")}" alt="{escape(caption)}">'
+        f"</div><figcaption>{escape(caption)}: rows {' / '.join(labels)}</figcaption></figure>"
+    )
+
+
 def reconstructions_section(run: RunFiles) -> str:
-    """The first, middle and last reconstruction grid."""
+    """The first, middle and last reconstruction grid, rows labelled."""
     if run.method == "maect":
         return not_available("reconstruction grids (MAE-CT trains no decoder)")
     grids = sorted(
@@ -374,7 +483,11 @@ def reconstructions_section(run: RunFiles) -> str:
     if not grids:
         return not_available("reconstruction grids (reconstructions/epoch_*.png)")
     picks = sorted({0, len(grids) // 2, len(grids) - 1})
-    return "".join(png_figure(grids[i][1], f"epoch {grids[i][0]}", pixels=True) for i in picks)
+    img_size = (run.config.get("model") or {}).get("img_size")
+    return "".join(
+        grid_figure(path, f"after epoch {epoch}", grid_labels(path, img_size))
+        for epoch, path in (grids[i] for i in picks)
+    )
 
 
 def init_run_dir(run: RunFiles) -> Path | None:
@@ -429,24 +542,64 @@ def config_section(run: RunFiles) -> str:
     return "".join(parts) or not_available("config (config.yaml)")
 
 
-def modified(path: Path) -> str | None:
-    """The modification time of ``path`` (UTC, minutes), when it exists."""
-    if not path.exists():
+def format_time(stamp: datetime) -> str:
+    """A date as every date on the page: UTC, to the minute."""
+    return stamp.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def parse_time(text: Any) -> str | None:
+    """An ISO 8601 time (``run.json``, ``eval.json``) in :data:`TIME_FORMAT`; naive times are
+    taken as UTC. ``None`` for anything else."""
+    if not isinstance(text, str):
         return None
-    stamp = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
-    return stamp.strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return format_time(stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc))
+
+
+def run_times(run: RunFiles) -> list[tuple[str, str]]:
+    """Start and end of training from ``run.json``; without that file, the modification time of
+    ``config.yaml``, labelled as such (it moves whenever the file is rewritten)."""
+    times = read_json(run.path / RUN_TIMES)
+    if times:
+        started = parse_time(times.get("started")) or "–"
+        finished = parse_time(times.get("finished")) or "not finished"
+        return [("started", started), ("finished", finished)]
+    config = run.path / "config.yaml"
+    if not config.is_file():
+        return []
+    stamp = format_time(datetime.fromtimestamp(config.stat().st_mtime, tz=timezone.utc))
+    return [("config.yaml written", f"{stamp} (no {RUN_TIMES}: start and end not recorded)")]
+
+
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (first 12 hex digits), when it can be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:12]
 
 
 def run_meta(run: RunFiles) -> str:
-    """Method, recipe, dataset and dates of a run as one line."""
+    """Method, recipe, dataset, dates and the encoder's hash of a run as one line."""
     data = run.config.get("data") or {}
+    created = (run.eval_result or {}).get("created")
     items = [
         ("method", run.method),
         ("recipe", run.recipe),
         ("data", data.get("name", "–") if isinstance(data, dict) else "–"),
-        ("started", modified(run.path / "config.yaml") or "–"),
-        ("evaluated", (run.eval_result or {}).get("created") or "not yet"),
+        *run_times(run),
+        ("evaluated", parse_time(created) or created or "not yet"),
     ]
+    encoder_hash = file_sha256(run.path / "encoder.pt")
+    if encoder_hash:
+        items.append(("SHA-256 of encoder.pt (first 12 hex digits)", encoder_hash))
     spans = "".join(f"<span><b>{escape(k)}</b> {escape(str(v))}</span>" for k, v in items)
     return f'<p class="meta">{spans}</p>'
 
@@ -470,7 +623,7 @@ def anchor(name: str) -> str:
 
 
 def page(title: str, body: str) -> str:
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = format_time(datetime.now(timezone.utc))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{body}"

@@ -53,10 +53,12 @@ def save_embedding_plot(
     if len(present) <= MAX_LEGEND_CLASSES:  # beyond that a legend is unreadable
         handles, _ = scatter.legend_elements(num=None)  # one handle per label present, sorted
         names = [class_names[c] if c < len(class_names) else str(c) for c in present]
-        ax.legend(handles, names, loc="best", fontsize=7, title="class", markerscale=0.8)
+        # Beside the axes, never over the points (bbox_inches="tight" below keeps it in the file).
+        legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
+        ax.legend(handles, names, fontsize=7, title="class", markerscale=0.8, **legend)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
