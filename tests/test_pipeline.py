@@ -1,12 +1,15 @@
 """`maect run`: stages chained through run directories, evaluation, comparison table, skipping."""
 
 import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from maect.callbacks import StageProgress
 from maect.config import ConfigError
-from maect.pipeline import load_pipeline, run_pipeline
+from maect.pipeline import cpu_name, load_pipeline, run_pipeline
 from tests.conftest import TINY_OVERRIDES
 from tests.test_maect import MAECT_TINY
 
@@ -74,8 +77,18 @@ def test_pipeline_runs_chains_and_skips(tmp_path, capsys):
     assert "k-NN: weighted k-NN on frozen features" in table  # which protocol made each column
     assert json.loads((out / "results.json").read_text())["pipeline"] == recipe
 
+    printed = capsys.readouterr().out
+    assert f"2 training stages, 3 evaluations on {cpu_name()} (" in printed
+    for stage in ("mae", "ct/head", "ct/tune"):  # the time left in each training stage
+        assert re.search(
+            rf"\[{stage}\] epoch 1/1: \d+ s so far, about 0 s left in this stage", printed
+        )
+    assert "stage mae done in" in printed and "still to run: stage ct, evaluate pixels" in printed
+    assert re.search(
+        rf"maect run {re.escape(recipe)}: \d+ s in all on {re.escape(cpu_name())}", printed
+    )
+
     mtime = (out / "mae" / "encoder.pt").stat().st_mtime
-    capsys.readouterr()
     again = run_pipeline(recipe, str(out))  # all exists: nothing retrained or re-evaluated
     assert (out / "mae" / "encoder.pt").stat().st_mtime == mtime
     assert "=== evaluate" not in capsys.readouterr().out
@@ -127,3 +140,29 @@ def test_gpu_overrides_apply_only_on_a_gpu(tmp_path, monkeypatch, on_gpu):
     assert cfg.trainer.epochs == (7 if on_gpu else 1)
     assert cfg.data.subset == (100 if on_gpu else None)
     assert cfg.data.batch_size == 4  # command-line overrides come last
+
+
+def test_stage_progress_estimates_from_the_measured_rate(tmp_path, capsys, monkeypatch):
+    """Time left = measured seconds per step since the stage (re)started x steps still to do."""
+    clock = iter([100.0, 130.0, 160.0])  # start, after 10 steps, after epoch 1 (20 steps)
+    monkeypatch.setattr("maect.callbacks.time.perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(
+        global_step=40,  # resumed at step 40 of 100
+        estimated_stepping_batches=100,
+        is_global_zero=True,
+        sanity_checking=False,
+        current_epoch=2,
+        max_epochs=5,
+        default_root_dir=str(tmp_path / "maect" / "tune"),
+    )
+    progress = StageProgress(root=tmp_path)
+    progress.on_train_start(trainer, None)
+    trainer.global_step = 50
+    progress.on_train_batch_end(trainer, None, None, None, 9)
+    trainer.global_step = 60
+    progress.on_train_epoch_end(trainer, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "[maect/tune] 10 steps: 30 s so far, about 2.5 min left in this stage (3.00 s per step)",
+        "[maect/tune] epoch 3/5: 60 s so far, about 2.0 min left in this stage (3.00 s per step)",
+    ]

@@ -1,7 +1,8 @@
-"""Training callbacks: throughput display and reconstruction grids."""
+"""Training callbacks: throughput display, reconstruction grids and stage progress."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,3 +64,55 @@ class ReconstructionGrid(Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("reconstructions", grid, global_step=trainer.global_step)
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class StageProgress(Callback):
+    """Prints the time a training stage has taken and an estimate of what is left: the measured
+    seconds per optimizer step since the stage started (or resumed) times the steps still to do.
+    Printed once after ``measure_steps`` steps, then after every epoch (so the per-epoch work,
+    k-NN monitor and checkpoints included, enters from the first epoch on). Rank 0 only.
+
+    Lines start with the trainer's run directory relative to ``root`` (e.g. ``maect/head``).
+    """
+
+    def __init__(self, root: Path, measure_steps: int = 10) -> None:
+        self.root = root
+        self.measure_steps = measure_steps
+        self._started = 0.0
+        self._first_step = 0
+        self._measured = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._first_step = trainer.global_step
+        self._measured = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._measured and trainer.global_step - self._first_step >= self.measure_steps:
+            self._measured = True
+            self._report(trainer, f"{trainer.global_step - self._first_step} steps")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def _report(self, trainer: Trainer, where: str) -> None:
+        done = trainer.global_step - self._first_step
+        if not trainer.is_global_zero or done <= 0 or trainer.sanity_checking:
+            return
+        elapsed = time.perf_counter() - self._started
+        left = (trainer.estimated_stepping_batches - trainer.global_step) * elapsed / done
+        label = os.path.relpath(trainer.default_root_dir, self.root)
+        print(
+            f"[{label}] {where}: {format_duration(elapsed)} so far, about "
+            f"{format_duration(left)} left in this stage ({elapsed / done:.2f} s per step)",
+            flush=True,
+        )

@@ -247,13 +247,16 @@ def fit_module(
     return trainer
 
 
-def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
+def pretrain(
+    cfg: RunConfig, out: str | Path, dev_run: int = 0, callbacks: list[Callback] | None = None
+) -> Path:
     """Train ``cfg.method`` from scratch into run directory ``out`` (resuming it if interrupted).
 
     Args:
         cfg: Validated run configuration.
         out: Run directory.
         dev_run: If > 0, run only this many batches (Lightning ``fast_dev_run``), no outputs.
+        callbacks: Extra Lightning callbacks (e.g. ``maect run``'s progress lines).
 
     Returns:
         The run directory.
@@ -276,8 +279,8 @@ def pretrain(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
     module = METHOD_CLASSES[cfg.method](cfg)
     dataset.transform = module.train_transform()
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
-    callbacks = [recon] if monitor is None else [recon, monitor]
-    trainer = fit_module(cfg, module, dataset, run_dir, callbacks, dev_run)
+    extra = [*([monitor] if monitor is not None else []), *(callbacks or [])]  # after the monitor
+    trainer = fit_module(cfg, module, dataset, run_dir, [recon, *extra], dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(module.export_encoder(), run_dir / "encoder.pt")
     trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)

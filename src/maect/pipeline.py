@@ -136,11 +136,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(cfg: Any | None = None) -> str:
+    """The GPU's name when training runs on one, else the CPU's."""
+    on_gpu = torch.cuda.is_available() and (cfg is None or cfg.trainer.accelerator != "cpu")
+    return torch.cuda.get_device_name() if on_gpu else cpu_name()
+
+
 def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     """Train one stage (skipped when complete) and return the wall seconds of the call that
     completed it, kept in ``TIMING_FILE`` so a stage trained by an earlier call (or on another
     machine) still reports its cost. A stage resumed after an interruption counts only the
-    resuming call (``"resumed": true`` in the file)."""
+    resuming call (``"resumed": true`` in the file). Progress lines with the time left in the
+    stage are printed as it trains (:class:`maect.callbacks.StageProgress`)."""
+    from maect.callbacks import StageProgress
     from maect.engine import pretrain
     from maect.tuning import tune
 
@@ -148,12 +156,15 @@ def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     complete = (run_dir / "encoder.pt").is_file()
     resumed = (run_dir / "config.yaml").is_file() and not complete
     started = time.perf_counter()
-    (pretrain if stage.command == "pretrain" else tune)(cfg, run_dir)
+    progress = [StageProgress(root=run_dir.parent)]
+    if stage.command == "pretrain":
+        pretrain(cfg, run_dir, callbacks=progress)
+    else:
+        tune(cfg, run_dir, callbacks=progress)
     if not complete:
-        on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
         record = {
             "train_seconds": time.perf_counter() - started,
-            "device": torch.cuda.get_device_name() if on_gpu else cpu_name(),
+            "device": device_name(cfg),
             "resumed": resumed,
         }
         timing_file.write_text(json.dumps(record))
@@ -167,34 +178,59 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage and evaluation of pipeline ``name``; returns ``results.json``'s content.
 
-    Overrides starting with ``eval.`` go to every evaluation, the others to every stage.
+    Overrides starting with ``eval.`` go to every evaluation, the others to every stage. Prints
+    the device, the time each stage and evaluation took, the time left in a training stage as it
+    trains, and the total.
     """
+    from maect.callbacks import format_duration
     from maect.evaluation.command import evaluate, load_eval_config
 
+    started = time.perf_counter()
     spec, stages, comparisons = load_pipeline(name)
     out_dir = Path(out or spec.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = overrides or []
     stage_extra = [o for o in extra if not o.startswith("eval.")]
     eval_extra = [o[len("eval.") :] for o in extra if o.startswith("eval.")]
+    print(
+        f"maect run {name}: {len(stages)} training stages, {len(spec.evaluate)} evaluations on "
+        f"{device_name()} ({torch.get_num_threads()} CPU threads)",
+        flush=True,
+    )
+
+    def done(what: str, since: float, left: list[str]) -> None:
+        to_do = f"; still to run: {', '.join(left)}" if left else ""
+        print(
+            f"{what} in {format_duration(time.perf_counter() - since)} "
+            f"({format_duration(time.perf_counter() - started)} since the start){to_do}",
+            flush=True,
+        )
+
+    pending = [f"stage {s.name}" for s in stages] + [f"evaluate {e}" for e in spec.evaluate]
     train_seconds: dict[str, float | None] = {}
     for stage in stages:
         cfg = stage_config(spec, stage, out_dir, stage_extra)  # validate before training
         print(f"\n=== stage {stage.name}: maect {stage.command} recipe={stage.recipe}", flush=True)
+        stage_started = time.perf_counter()
         train_seconds[stage.name] = run_stage(stage, cfg, out_dir / stage.name)
+        pending.pop(0)
+        done(f"stage {stage.name} done", stage_started, pending)
 
     gpu_eval = spec.gpu_eval_overrides if torch.cuda.is_available() else []
     results: dict[str, Any] = {}
     for source in spec.evaluate:
         target = out_dir / source
         eval_file = target / "eval.json"
+        pending.pop(0)
         if not eval_file.is_file():
             print(f"\n=== evaluate {source}", flush=True)
+            eval_started = time.perf_counter()
             items = [*spec.eval_overrides, *gpu_eval, *eval_extra, "progress=false"]
             if source == PIXELS:
                 items.append(f"out={target}")
             cfg = load_eval_config(items)
             evaluate(PIXELS if source == PIXELS else target, cfg)
+            done(f"evaluate {source} done", eval_started, pending)
         results[source] = json.loads(eval_file.read_text())
 
     summary = {
@@ -209,6 +245,11 @@ def run_pipeline(
     table = format_results(summary)
     (out_dir / "results.md").write_text(table + "\n")
     print("\n" + table)
+    print(
+        f"\nmaect run {name}: {format_duration(time.perf_counter() - started)} in all on "
+        f"{device_name()}",
+        flush=True,
+    )
     return summary
 
 

@@ -48,7 +48,8 @@ def load_init_encoder(cfg: RunConfig) -> MaskedViT:
 def tune(
     cfg: RunConfig, out: str | Path, callbacks: list[Callback] | None = None, dev_run: int = 0
 ) -> Path:
-    """Run MAE-CT stages 2 and 3 into ``out`` (resuming either stage)."""
+    """Run MAE-CT stages 2 and 3 into ``out`` (resuming either stage); ``callbacks`` join the
+    trainers of both stages."""
     run_dir = Path(out)
     prepare_run_dir(run_dir, cfg)
     if (run_dir / "encoder.pt").is_file() and not dev_run:
@@ -64,7 +65,9 @@ def tune(
         if not head_file.is_file() or dev_run:
             head = NNCLRHeadTraining(cfg, load_init_encoder(cfg))
             dataset.transform = head.train_transform()
-            trainer = fit_module(head.cfg, head, dataset, run_dir / "head", [], dev_run)
+            trainer = fit_module(
+                head.cfg, head, dataset, run_dir / "head", list(callbacks or []), dev_run
+            )
             if trainer.is_global_zero and not dev_run:
                 atomic_save(head.head_state(), head_file)
             trainer.strategy.barrier("head.pt")  # a resumed stage 3 on any rank reads it
@@ -75,7 +78,7 @@ def tune(
     tuning = ContrastiveTuning(cfg, load_init_encoder(cfg), head_state)
     dataset.transform = tuning.train_transform()
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
-    stage3_callbacks = [*(callbacks or []), *([monitor] if monitor is not None else [])]
+    stage3_callbacks = [*([monitor] if monitor is not None else []), *(callbacks or [])]
     trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run)
     if trainer.is_global_zero and not dev_run:
         save_encoder(tuning.export_encoder(), run_dir / "encoder.pt")
