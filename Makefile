@@ -48,7 +48,8 @@ format: setup
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
 # The demo pipeline: raw pixels, MAE, MAE-CT (min) and CAN on Fashion-MNIST, compared on k-NN,
-# linear probe, low-shot and clustering; ~15 minutes on a 2-core CPU (more data and epochs on a GPU).
+# linear probe, low-shot and clustering; 11.6 min on a 2-core Intel Xeon, 22 min on a 2-core AMD
+# EPYC (docs/performance.md: fp32 matrix products set the pace); more data and epochs on a GPU.
 DEMO_OUT ?= runs/demo_fmnist
 demo: setup data
 	$(BIN)/maect run recipe=pipelines/demo_fmnist out=$(DEMO_OUT)
