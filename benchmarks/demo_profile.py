@@ -23,6 +23,7 @@ The sum is the demo's CPU work; on an idle 2-core machine the wall time is at le
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/demo_profile.py [--steps 3] [--bf16] [--no-eval]
+        [--stages mae,maect/head,maect/tune,can]
 """
 
 from __future__ import annotations
@@ -151,11 +152,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage")
     parser.add_argument("--bf16", action="store_true", help="also time steps under bf16 autocast")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation part")
+    parser.add_argument("--stages", default="", help="only these stages, e.g. mae,can/tune")
     args = parser.parse_args()
     load_before = load_average()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
+        chosen = [name for name in args.stages.split(",") if name]
         for label, (cfg, module, epochs) in demo_stages(Path(tmp)).items():
+            if chosen and label not in chosen:
+                continue
             rows += profile_stage(label, cfg, module, epochs, Path(tmp), args)
             print(*rows[-3:], sep="\n", flush=True)
         if not args.no_eval:

@@ -56,3 +56,12 @@ def test_eval_reads_a_feature_cache(tmp_path):
     (tmp_path / "test-cls-1.pt").write_bytes(b"")
     with pytest.raises(AssertionError, match="expected one test"):
         run("eval.py", "--device", "cpu", "--banks", f"features:{tmp_path}", "--tasks", "knn")
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Fashion-MNIST"
+)
+def test_demo_profile_prints_the_table():
+    out = run("demo_profile.py", "--stages", "mae", "--steps", "1", "--no-eval")
+    assert "| step mae | " in out and "in matrix products |" in out and "| monitor mae | " in out
+    assert "| total | | | " in out and "GFLOP per CPU s" in out
