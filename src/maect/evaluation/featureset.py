@@ -196,7 +196,11 @@ def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> Fea
 
     if arch is None:  # pixels: every image brought to the size of the first readable one
         first = next(
-            (im for i in range(len(test.dataset)) if (im := test.dataset.load_image(i)) is not None),
+            (
+                im
+                for i in range(len(test.dataset))
+                if (im := test.dataset.load_image(i)) is not None
+            ),
             None,
         )
         if first is None:
@@ -206,8 +210,7 @@ def load_features(source: str, cfg: EvalConfig, timing: dict[str, float]) -> Fea
     view = eval_view(img_size, channels)
     normalize = to_normalized(mean, std)
     description = (
-        f"eval:img{img_size}:fit:ch{channels}:crop{EVAL_CROP_PCT}"
-        f":mean{list(mean)}:std{list(std)}"
+        f"eval:img{img_size}:fit:ch{channels}:crop{EVAL_CROP_PCT}:mean{list(mean)}:std{list(std)}"
     )
     pooling = cfg.pooling if arch else "flatten"
     device = resolve_device(cfg.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from maect.checkpoints import load_encoder
-from maect.config import ConfigError, RunConfig, config_from_yaml
+from maect.config import RunConfig, config_from_yaml
 from maect.evaluation.config import EvalConfig
 from maect.evaluation.features import default_cache_dir, weights_fingerprint
 
@@ -36,13 +36,7 @@ def open_source(source: str, cfg: EvalConfig) -> Source:
         out = Path(cfg.out or Path("runs") / f"pixels-{cfg.data.name or 'fashion-mnist'}")
         return Source(None, PIXELS, None, out, cache_dir)
     path = Path(source)
-    heads = cfg.model.num_heads
-    encoder = load_encoder(path, num_heads=heads)
-    if heads is not None and encoder.arch.num_heads != heads:
-        raise ConfigError(
-            f"model.num_heads={heads} contradicts {path}, whose saved architecture has "
-            f"{encoder.arch.num_heads} heads"
-        )
+    encoder = load_encoder(path, num_heads=cfg.model.num_heads)  # refuses a contradiction
     weights = weights_fingerprint(path)
     if path.is_dir():
         config = path / "config.yaml"
