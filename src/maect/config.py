@@ -22,6 +22,7 @@ METHODS = ("mae", "can", "maect")
 VIEW_PAIRS = ("min", "byol", "simclr")
 POOLINGS = ("cls", "mean")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+AUGMENT_ON = ("loader", "device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
@@ -47,7 +48,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset, loader and augmentation settings. ``batch_size`` is per device."""
+    """Dataset, loader and augmentation settings. ``batch_size`` is per device.
+
+    ``augment_on``: ``loader`` makes every view in the loader workers; ``device`` has the workers
+    crop only and applies flip and the colour operations batched on the accelerator
+    (:mod:`maect.data.device_augment`), with the same random draws per image.
+    """
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -59,6 +65,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     synthetic_size: int = 512
+    augment_on: str = "loader"
 
 
 @dataclass
@@ -379,6 +386,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_method_sections(cfg)
     _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(
+        d.augment_on in AUGMENT_ON,
+        "data.augment_on",
+        f"must be one of {', '.join(AUGMENT_ON)}, got '{d.augment_on}'",
+    )
     _require(
         d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1 or null, got {d.subset}"
     )

@@ -7,6 +7,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 EVAL_CROP_PCT = 0.875
+SOLARIZE_THRESHOLD = 128  # on the uint8 scale
 
 
 def match_channels(channels: int) -> T.Transform:
@@ -27,16 +28,11 @@ def to_normalized(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
 
 
-def crop_flip(img_size: int, scale: Sequence[float], hflip: bool) -> list[T.Transform]:
-    """RandomResizedCrop (bicubic) and optional horizontal flip."""
-    ops: list[T.Transform] = [
-        T.RandomResizedCrop(
-            img_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
-        )
-    ]
-    if hflip:
-        ops.append(T.RandomHorizontalFlip())
-    return ops
+def random_resized_crop(img_size: int, scale: Sequence[float]) -> T.RandomResizedCrop:
+    """The crop of every training view: area range ``scale``, aspect ratio 3/4-4/3, bicubic."""
+    return T.RandomResizedCrop(
+        img_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
 
 
 def mae_transform(
@@ -48,9 +44,7 @@ def mae_transform(
     hflip: bool = True,
 ) -> T.Compose:
     """MAE pretraining augmentation: crop (scale 0.2-1, bicubic) + flip + normalise."""
-    return T.Compose(
-        [match_channels(channels), *crop_flip(img_size, scale, hflip), to_normalized(mean, std)]
-    )
+    return augmented_view(img_size, channels, mean, std, scale, hflip)
 
 
 class FitToSize:
@@ -86,6 +80,37 @@ def eval_transform(
     return T.Compose([eval_view(img_size, channels), to_normalized(mean, std)])
 
 
+def pixel_ops(
+    img_size: int,
+    hflip: bool = True,
+    jitter_p: float = 0.0,
+    blur_p: float = 0.0,
+    gray_p: float = 0.0,
+    solarize_p: float = 0.0,
+    jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+) -> list[T.Transform]:
+    """The per-pixel random operations of a view after its crop, in order: flip, then (each with
+    its probability) colour jitter (brightness, contrast, saturation, hue in random order),
+    grayscale, Gaussian blur (sigma 0.1-2, kernel ~10 % of the image) and solarisation
+    (threshold 128). They run per sample in the loader, or batched on the device
+    (:mod:`maect.data.device_augment`, which reads these objects' probabilities and ranges)."""
+    ops: list[T.Transform] = [T.RandomHorizontalFlip()] if hflip else []
+    if jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p))
+    if gray_p > 0:
+        ops.append(T.RandomGrayscale(p=gray_p))
+    if blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel(img_size), (0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+    return ops
+
+
+def blur_kernel(img_size: int) -> int:
+    """Gaussian blur kernel size: the odd number nearest below 10 % of the image, at least 3."""
+    return max(3, int(0.1 * img_size) // 2 * 2 + 1)
+
+
 def augmented_view(
     img_size: int,
     channels: int,
@@ -93,27 +118,19 @@ def augmented_view(
     std: Sequence[float],
     scale: Sequence[float],
     hflip: bool = True,
-    jitter_p: float = 0.0,
-    blur_p: float = 0.0,
-    gray_p: float = 0.0,
-    solarize_p: float = 0.0,
-    jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+    **pixel_kw,
 ) -> T.Compose:
-    """One contrastive view: crop + flip, then (each with its probability) colour jitter
-    (brightness, contrast, saturation, hue), grayscale, Gaussian blur (sigma 0.1-2, kernel ~10 %
-    of the image) and solarisation (threshold 128). All zero gives MAE-CT's ``min`` view.
-    Saturation and hue leave 1-channel images unchanged."""
-    ops: list[T.Transform] = [match_channels(channels), *crop_flip(img_size, scale, hflip)]
-    if jitter_p > 0:
-        ops.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p))
-    if gray_p > 0:
-        ops.append(T.RandomGrayscale(p=gray_p))
-    if blur_p > 0:
-        kernel = max(3, int(0.1 * img_size) // 2 * 2 + 1)
-        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose([*ops, to_normalized(mean, std)])
+    """One contrastive view: crop, then :func:`pixel_ops` (``pixel_kw``: ``jitter_p``,
+    ``blur_p``, ``gray_p``, ``solarize_p``, ``jitter``), then normalisation. No pixel keywords
+    gives MAE-CT's ``min`` view. Saturation and hue leave 1-channel images unchanged."""
+    return T.Compose(
+        [
+            match_channels(channels),
+            random_resized_crop(img_size, scale),
+            *pixel_ops(img_size, hflip, **pixel_kw),
+            to_normalized(mean, std),
+        ]
+    )
 
 
 class MultiView:
@@ -144,21 +161,17 @@ VIEW_PAIRS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def view_pair(
-    name: str,
+def loader_views(
+    views: Sequence[dict],
     img_size: int,
     channels: int,
     mean: Sequence[float],
     std: Sequence[float],
     scale: Sequence[float],
     hflip: bool = True,
-) -> MultiView:
-    """Two views of one image with the named augmentation pair (``min``, ``byol``, ``simclr``)."""
-    if name not in VIEW_PAIRS:
-        raise ValueError(f"unknown view pair '{name}', expected one of {', '.join(VIEW_PAIRS)}")
-    return MultiView(
-        *(
-            augmented_view(img_size, channels, mean, std, scale, hflip, **kw)
-            for kw in VIEW_PAIRS[name]
-        )
-    )
+) -> T.Transform | MultiView:
+    """The training transform that makes every view in the loader workers: one
+    :func:`augmented_view` per entry of ``views`` (its pixel keywords); one view gives a tensor,
+    several a tuple."""
+    made = [augmented_view(img_size, channels, mean, std, scale, hflip, **kw) for kw in views]
+    return made[0] if len(made) == 1 else MultiView(*made)

@@ -13,8 +13,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from maect.config import RunConfig
 from maect.data.datasets import normalization_stats
+from maect.data.device_augment import BatchAugment, CropsForDevice
 from maect.data.loader import derive_seed
-from maect.data.transforms import mae_transform
+from maect.data.transforms import loader_views
 from maect.faults import NonFiniteLossError
 from maect.methods.schedule import decay_groups, warmup_cosine
 from maect.models.vit import MaskedViT, ViTArch
@@ -50,6 +51,12 @@ class PretrainMethod(LightningModule):
         self.encoder = encoder
         self.skipped_nonfinite = 0
         self._drop_update = False
+        m, d = cfg.model, cfg.data
+        self.batch_augment = (
+            BatchAugment(self.view_specs(), m.img_size, *normalization_stats(d.name, m.in_chans))
+            if d.augment_on == "device"
+            else None
+        )
         self.save_hyperparameters({"config": cfg.to_dict()})
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -62,17 +69,35 @@ class PretrainMethod(LightningModule):
         """Optimizer groups; each may carry ``lr_scale`` (multiplies the scheduled lr)."""
         return decay_groups(self.named_parameters(), self.cfg.optim.weight_decay)
 
+    def view_specs(self) -> list[dict]:
+        """Pixel keywords of :func:`maect.data.transforms.pixel_ops` per training view (default:
+        MAE's single view, crop and flip only)."""
+        return [{}]
+
     def train_transform(self) -> Callable:
-        """Per-sample training transform (default: MAE's crop + flip, one view)."""
+        """Per-sample training transform of :meth:`view_specs`: every view made in the loader
+        (``data.augment_on=loader``), or only the crops, with the random parameters of the rest
+        for :meth:`on_after_batch_transfer` (``device``)."""
         m, d = self.cfg.model, self.cfg.data
+        if d.augment_on == "device":
+            return CropsForDevice(self.view_specs(), m.img_size, m.in_chans, d.crop_scale, d.hflip)
         mean, std = normalization_stats(d.name, m.in_chans)
-        return mae_transform(m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip)
+        return loader_views(
+            self.view_specs(), m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip
+        )
 
     def export_encoder(self) -> MaskedViT:
         """The encoder whose weights are written to ``encoder.pt``."""
         return self.encoder
 
     # ---------------------------------------------------------------- lightning
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``data.augment_on=device``, turn the crops and parameters of a training batch
+        into its augmented views, batched on the device (:class:`BatchAugment`)."""
+        if self.batch_augment is not None and isinstance(batch, dict):
+            batch["image"] = self.batch_augment(batch["image"])
+        return batch
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store where the epoch's data order stands (images of the global order trained on;

@@ -11,14 +11,12 @@ no noise) are configurations of this class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from maect.config import CANConfig, RunConfig
-from maect.data.datasets import normalization_stats
-from maect.data.transforms import view_pair
+from maect.data.transforms import VIEW_PAIRS
 from maect.losses import info_nce, noise_prediction_mse
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.mae import build_autoencoder
@@ -73,13 +71,9 @@ class CAN(PretrainMethod):
             else None
         )
 
-    def train_transform(self) -> Callable:
+    def view_specs(self) -> list[dict]:
         """Two augmented views per image (``can.views``, SimCLR's pair by default)."""
-        m, d = self.cfg.model, self.cfg.data
-        mean, std = normalization_stats(d.name, m.in_chans)
-        return view_pair(
-            self.cfg.can.views, m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip
-        )
+        return list(VIEW_PAIRS[self.cfg.can.views])
 
     def draw_noise(
         self, images: torch.Tensor, generator: torch.Generator | None = None

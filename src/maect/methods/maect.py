@@ -9,7 +9,7 @@ loss in either stage. Both stages share the NNCLR step of :class:`NNCLRMethod`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from maect.checkpoints import CheckpointError
 from maect.config import ConfigError, RunConfig
-from maect.data.datasets import normalization_stats
-from maect.data.transforms import view_pair
+from maect.data.transforms import VIEW_PAIRS
 from maect.distributed import gather_no_grad
 from maect.losses.contrastive import nnclr_loss
 from maect.methods.base import PretrainMethod
@@ -94,10 +93,8 @@ class NNCLRMethod(PretrainMethod):
         """Embedding used for the neighbour lookup and the queue (no gradient)."""
         raise NotImplementedError
 
-    def train_transform(self) -> Callable:
-        m, d, t = self.cfg.model, self.cfg.data, self.cfg.maect
-        mean, std = normalization_stats(d.name, m.in_chans)
-        return view_pair(t.views, m.img_size, m.in_chans, mean, std, d.crop_scale, d.hflip)
+    def view_specs(self) -> list[dict]:
+        return list(VIEW_PAIRS[self.cfg.maect.views])
 
     # ------------------------------------------------------------------ step
 
