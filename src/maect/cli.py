@@ -110,6 +110,24 @@ def cmd_report(args: list[str]) -> None:
     print(write_report(args[0]))
 
 
+def cmd_shards(args: list[str]) -> None:
+    """``maect shards SRC DST [root=DIR] [chunk_bytes=64MB]``: write dataset SRC (a dataset name
+    or an image folder with train/ and val/) into streaming shards under DST."""
+    from maect.data.shards import write_shards
+
+    if len(args) < 2 or any("=" in a for a in args[:2]):
+        raise ConfigError("expected SRC DST: a dataset name or image folder, and a new folder")
+    options = ("root", "chunk_bytes", "synthetic_size", "img_size", "channels")
+    own, extra = split_assignments(args[2:], (), optional=options)
+    if extra:
+        raise ConfigError(f"unknown argument(s) {', '.join(extra)}; known: {', '.join(options)}")
+    sizes = {k: int(v) for k, v in own.items() if k in options[2:]}
+    written = write_shards(
+        args[0], args[1], own.get("root"), own.get("chunk_bytes", "64MB"), **sizes
+    )
+    print(", ".join(f"{split}: {n} images" for split, n in written.items()), f"-> {args[1]}")
+
+
 def cmd_recipes(args: list[str]) -> None:
     """``maect recipes``: list the shipped recipes."""
     print("\n".join(available_recipes()))
@@ -122,6 +140,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
+    "shards": cmd_shards,
 }
 
 

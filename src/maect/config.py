@@ -21,7 +21,7 @@ import yaml
 METHODS = ("mae", "can", "maect")
 VIEW_PAIRS = ("min", "byol", "simclr")
 POOLINGS = ("cls", "mean")
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "shards")
 AUGMENT_ON = ("loader", "device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 

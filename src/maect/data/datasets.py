@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -70,6 +71,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "shards": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5,), (0.25,)),
 }
 
@@ -241,17 +243,24 @@ class ImageFolderDataset(ImageDataset):
 
     def load_image(self, index: int) -> torch.Tensor | None:
         path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                array = pil_to_rgb(img)
-        except (OSError, ValueError, SyntaxError) as err:
-            if self.strict:
-                raise UnreadableImageError(
-                    f"unreadable image {path}: {err} (data.strict=true)"
-                ) from None
-            log.warning("skipping unreadable image %s: %s", path, err)
-            return None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return decode_image(path, path, self.strict)
+
+
+def decode_image(source: str | BinaryIO, name: str, strict: bool) -> torch.Tensor | None:
+    """An encoded image file (path or file object) as RGB uint8 ``[3, H, W]`` (:func:`pil_to_rgb`);
+    ``None`` (logged, naming ``name``) when it cannot be read, or :class:`UnreadableImageError`
+    when ``strict``."""
+    try:
+        with Image.open(source) as img:
+            array = pil_to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        if strict:
+            raise UnreadableImageError(
+                f"unreadable image {name}: {err} (data.strict=true)"
+            ) from None
+        log.warning("skipping unreadable image %s: %s", name, err)
+        return None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def _sorted_walk(folder: Path):
@@ -411,7 +420,8 @@ def build_dataset(
 ) -> ImageDataset:
     """Build a dataset by name; ``train`` selects the training or the evaluation split.
 
-    For ``imagefolder``, ``root`` holds ``train/`` and ``val/`` subfolders (ImageNet layout).
+    For ``imagefolder``, ``root`` holds ``train/`` and ``val/`` subfolders (ImageNet layout); for
+    ``shards``, ``root`` (a folder or an object-store URL) holds what ``maect shards`` wrote.
     """
     if name == "fashion-mnist":
         return load_fashion_mnist(root, train, download)
@@ -438,6 +448,10 @@ def build_dataset(
         train_split = Path(root) / "train"
         classes = None if train or not train_split.is_dir() else class_folders(train_split)
         return ImageFolderDataset(split, strict=strict, classes=classes)
+    if name == "shards":
+        from maect.data.shards import ShardDataset  # imports litdata (seconds) only when used
+
+        return ShardDataset(root, "train" if train else "val", strict=strict)
     raise ValueError(f"unknown dataset '{name}'")
 
 
