@@ -24,6 +24,7 @@ STEPS=(
   "batch256_l16|70|$PY benchmarks/train_step.py --model vit_l16 --batch 256 --cases mae,lightly --rounds 5 --append"
   "knn_bank|90|$PY benchmarks/eval.py --device cuda --banks synthetic --tasks knn --sklearn-queries 200 --append"
   "scale_b16|60|$PY benchmarks/train_step.py --model vit_b16 --batch 64 --scale --rounds 3 --append"
+  "data_path|45|$PY benchmarks/data.py --device cuda --rounds 3 --append"
 )
 
 if [ "${1:-}" = "--list" ]; then

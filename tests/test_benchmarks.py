@@ -65,3 +65,13 @@ def test_demo_profile_prints_the_table():
     out = run("demo_profile.py", "--stages", "mae", "--steps", "1", "--no-eval")
     assert "| step mae | " in out and "in matrix products |" in out and "| monitor mae | " in out
     assert "| total | | | " in out and "GFLOP per CPU s" in out
+
+
+def test_data_prints_every_worker_case_and_the_device_augmentation():
+    out = run(
+        "data.py", "--device", "cpu", "--rounds", "1", "--per-class", "2", "--batch", "4",
+        "--images", "2",
+    )  # fmt: skip
+    for case in ("decode", "mae loader", "mae device", "byol loader", "shards byol device"):
+        assert f"\n{case} " in out
+    assert "batched device aug, byol x2, batch 4" in out

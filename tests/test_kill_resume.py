@@ -1,6 +1,7 @@
 """Real processes killed with SIGKILL: rerunning the same command ends with the weights, optimizer
-state, lr schedule, queue and EMAs of an uninterrupted run (CPU, deterministic mode); a kill while
-a checkpoint is being written leaves the previous one readable."""
+state, lr schedule, queue and EMAs of an uninterrupted run (CPU, deterministic mode), also when
+training from streaming shards and with device augmentation; a kill while a checkpoint is being
+written leaves the previous one readable."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from maect.checkpoints import save_encoder
 from maect.config import load_config
+from maect.data.shards import write_shards
 from maect.faults import resume_checkpoint
 from maect.methods.base import arch_from_config
 from maect.models.vit import MaskedViT
@@ -71,13 +73,21 @@ def _tune_setup(tmp_path: Path) -> tuple[list[str], list[str]]:
     return ["tune", "recipe=maect/fmnist_vit_t", f"init={init}"], extra
 
 
-@pytest.mark.parametrize("case", ["mae", "can", "maect"])
+@pytest.mark.parametrize("case", ["mae", "can", "maect", "mae-shards", "can-device"])
 def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
+    subdir = ""
     if case == "maect":
         args, extra = _tune_setup(tmp_path)
         subdir = "tune"
+    elif case == "mae-shards":  # streaming shards read by a loader worker
+        root = tmp_path / "shards"
+        write_shards("synthetic", root, synthetic_size=128, img_size=28, channels=1)
+        args = _pretrain("mae/fmnist_vit_t")
+        extra = ["data.name=shards", f"data.root={root}", "data.num_workers=1"]
+    elif case == "can-device":  # colour operations batched after the transfer
+        args, extra = _pretrain("can/fmnist_vit_t"), ["data.augment_on=device"]
     else:
-        args, extra, subdir = _pretrain(f"{case}/fmnist_vit_t"), [], ""
+        args, extra = _pretrain(f"{case}/fmnist_vit_t"), []
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = _run(_command(args, whole, extra), tmp_path / "whole.log")
     victim = _run(_command(args, killed, extra), tmp_path / "killed.log")
