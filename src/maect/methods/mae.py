@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from maect.config import RunConfig
-from maect.data.transforms import MultiView
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.models.autoencoder import MaskedAutoencoder
 from maect.models.decoder import MAEDecoder
@@ -43,9 +40,8 @@ class MAE(PretrainMethod):
     def lr_views(self) -> int:
         return self.cfg.mae.views
 
-    def train_transform(self) -> Callable:
-        view = super().train_transform()
-        return view if self.cfg.mae.views == 1 else MultiView(*[view] * self.cfg.mae.views)
+    def view_specs(self) -> list[dict]:
+        return [{}] * self.cfg.mae.views  # crop and flip only, each view its own crop
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
