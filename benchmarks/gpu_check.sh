@@ -7,8 +7,9 @@
 # to $OUT/gpu_check.log (or /tmp/gpu_check), and the rows the benchmark scripts append to
 # docs/benchmarks.md are copied to $OUT after every step, so a call stopped at its limit keeps
 # what it measured. With no STEP every step runs; `bash benchmarks/gpu_check.sh --list` names them.
-# Needs a CUDA GPU, PyTorch, timm, Lightning and scikit-learn; lightly (the MAE peer) is taken
-# from wheels in .whl/ when it is not installed (docs/performance.md, "Measuring on a GPU").
+# Needs a CUDA GPU, PyTorch, timm, Lightning and scikit-learn; lightly (the MAE peer) and litdata
+# (the shards rows of data_path, left out without it) are taken from wheels in .whl/ when they
+# are not installed (docs/performance.md, "Measuring on a GPU").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -31,7 +32,7 @@ if [ "${1:-}" = "--list" ]; then
   for s in "${STEPS[@]}"; do echo "${s%%|*}"; done
   exit 0
 fi
-if ! $PY -c "import lightly" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! $PY -c "import lightly, litdata" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
