@@ -12,6 +12,8 @@ shards of the same folder (``maect shards``), for ViT-B/16 at 224 px:
 - ``byol loader`` / ``byol device``: the same for MAE-CT's two BYOL views (colour jitter,
   grayscale, blur, solarisation per sample in the worker, or batched on the device).
 
+``op ...`` rows time single steps of a worker on one decoded 500 x 375 image (the crop, a
+resize of the whole image to a fixed size, flip + normalisation, colour jitter, blur).
 ``ratio`` is the case's rate over the row named in ``vs`` (shards over the ImageFolder path;
 device over loader augmentation). ``workers`` is how many workers feed ``--step-rate`` images/s
 (default: ViT-B/16 MAE on an H200, estimated as 3 x the measured ViT-L/16 MAE rate of 2146
@@ -47,12 +49,20 @@ from _common import (
 )
 from PIL import Image
 from torchvision.io import decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 
 from maect.data.datasets import build_dataset, normalization_stats
 from maect.data.device_augment import BatchAugment, CropsForDevice
 from maect.data.loader import SeededItems
 from maect.data.shards import write_shards
-from maect.data.transforms import VIEW_PAIRS, loader_views
+from maect.data.transforms import (
+    VIEW_PAIRS,
+    blur_kernel,
+    loader_views,
+    random_resized_crop,
+    to_normalized,
+)
 
 IMG_SIZE = 224
 SCALE = (0.2, 1.0)
@@ -111,6 +121,33 @@ def decode_torchvision(files: list[str], batch: int) -> Callable[[], None]:
     return read
 
 
+def operations(width: int, mean, std) -> dict[str, Callable[[torch.Tensor], object]]:
+    """Single steps of a worker on a decoded image of width ``width`` (uint8, 1 thread)."""
+    crop = random_resized_crop(IMG_SIZE, SCALE)
+    at_size = T.CenterCrop(IMG_SIZE)
+    whole = T.Resize((IMG_SIZE, IMG_SIZE), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    normalise = T.Compose([T.RandomHorizontalFlip(), to_normalized(mean, std)])
+    jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
+    blur = T.GaussianBlur(blur_kernel(IMG_SIZE), (0.1, 2.0))
+    return {
+        f"crop + resize to {IMG_SIZE} (RandomResizedCrop)": crop,
+        f"resize whole {width}-wide image to {IMG_SIZE}x{IMG_SIZE}": whole,
+        "flip + normalise (224 px)": lambda x: normalise(at_size(x)),
+        "colour jitter (224 px)": lambda x: jitter(at_size(x)),
+        f"Gaussian blur, kernel {blur_kernel(IMG_SIZE)} (224 px)": lambda x: blur(at_size(x)),
+    }
+
+
+def repeat(op: Callable, image: torch.Tensor, batch: int) -> Callable[[], None]:
+    """Applies ``op`` to ``image`` ``batch`` times."""
+
+    def run() -> None:
+        for _ in range(batch):
+            op(image)
+
+    return run
+
+
 def worker_rates(root: Path, shards: Path | None, args: argparse.Namespace) -> dict[str, float]:
     """Images/s of every worker case, interleaved in rounds, with one torch thread."""
     mean, std = normalization_stats("imagefolder", 3)
@@ -130,6 +167,9 @@ def worker_rates(root: Path, shards: Path | None, args: argparse.Namespace) -> d
             steps[f"{name}{case}"] = reader(dataset, transform, args.images)
     files = build_dataset("imagefolder", str(root), train=True).files
     steps["decode (torchvision.io)"] = decode_torchvision(files, args.images)
+    image = build_dataset("imagefolder", str(root), train=True).load_image(1)  # 500 x 375
+    for name, op in operations(image.shape[-1], mean, std).items():
+        steps[f"op {name}"] = repeat(op, image, args.images)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -195,7 +235,8 @@ def main() -> None:
     table = [header]
     for name, rate, vs in rows:
         ratio = f"{rate / rates[vs]:.2f}" if vs else "-"
-        workers = "-" if name.startswith("batched") else str(math.ceil(args.step_rate / rate))
+        whole = not name.startswith(("batched", "op "))
+        workers = str(math.ceil(args.step_rate / rate)) if whole else "-"
         table.append((name, f"{rate:.0f}", f"{1000 / rate:.2f}", vs or "-", ratio, workers))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for row in table:
@@ -207,7 +248,7 @@ def main() -> None:
         for name, *cells in table[1:]:
             batched = name.startswith("batched")
             where = dev if batched else f"{cpu}, 1 thread per worker"
-            if not batched:
+            if cells[-1] != "-":
                 cells[-1] = f"{cells[-1]} for {args.step_rate:.0f}/s"
             row = [*lead, where, load, torch.__version__, name, *cells, f"`{args.command}`"]
             log.append("| " + " | ".join(row) + " |")
