@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from maect.config import RunConfig, load_config
-from maect.data.transforms import view_pair
+from maect.data.transforms import VIEW_PAIRS, loader_views
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.mae import MAE
 from maect.methods.maect import (
@@ -563,8 +563,8 @@ JITTER = ("jitter", 0.8, ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)))
 def test_views_match_official_transforms(recipe, expected):
     cfg = load_config(recipe)
     m, d = cfg.model, cfg.data
-    pair = view_pair(cfg.maect.views, m.img_size, m.in_chans, (0.5,) * 3, (0.5,) * 3,
-                     d.crop_scale, d.hflip)  # fmt: skip
+    pair = loader_views(VIEW_PAIRS[cfg.maect.views], m.img_size, m.in_chans, (0.5,) * 3,
+                        (0.5,) * 3, d.crop_scale, d.hflip)  # fmt: skip
     assert [_ops(view) for view in pair.views] == list(expected)
     views = pair(torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8))
     assert [tuple(v.shape) for v in views] == [(3, 224, 224), (3, 224, 224)]
