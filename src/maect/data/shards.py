@@ -62,11 +62,9 @@ def _encoder(dataset: ImageDataset) -> tuple[dict[str, Any], Callable[[int], byt
     raise ConfigError(f"cannot write {type(dataset).__name__} into shards")
 
 
-def write_split(
-    dataset: ImageDataset, out: Path, class_names: list[str], chunk_bytes: str
-) -> dict[str, Any]:
-    """Write ``dataset`` (in order) into litdata chunks under ``out``; returns its ``maect.json``
-    content."""
+def write_split(dataset: ImageDataset, out: Path, class_names: list[str], chunk_bytes: str) -> None:
+    """Write ``dataset`` (in order) into litdata chunks under ``out``, then its ``maect.json``
+    (last: a split without it is incomplete)."""
     from litdata.streaming.writer import BinaryWriter
 
     description, to_bytes = _encoder(dataset)
@@ -84,7 +82,6 @@ def write_split(
         "labels": dataset.labels.tolist(),
     }
     (out / META_FILE).write_text(json.dumps(meta))
-    return meta
 
 
 def write_shards(
