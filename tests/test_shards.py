@@ -15,7 +15,12 @@ from PIL import Image
 
 from maect.cli import main
 from maect.config import ConfigError
-from maect.data.datasets import DataNotFoundError, build_dataset, make_synthetic
+from maect.data.datasets import (
+    DataNotFoundError,
+    UnreadableImageError,
+    build_dataset,
+    make_synthetic,
+)
 from maect.data.loader import build_loader
 from maect.data.shards import ShardDataset, write_shards
 from maect.evaluation.command import evaluate, load_eval_config
@@ -74,7 +79,7 @@ def test_image_folder_shards_keep_the_file_bytes_and_skip_what_cannot_be_read(tm
     files = build_dataset("imagefolder", str(tmp_path / "src"), train=True).files
     bad = files.index(str(tmp_path / "src" / "train" / "dog" / "broken.jpg"))
     assert train.load_image(bad) is None and "train[" in caplog.text
-    with pytest.raises(RuntimeError, match="data.strict=true"):
+    with pytest.raises(UnreadableImageError, match=r"train\[\d+\].*data.strict=true"):
         ShardDataset(str(tmp_path / "dst"), "train", strict=True).load_image(bad)
 
 
