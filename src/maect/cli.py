@@ -53,10 +53,10 @@ def cmd_pretrain(args: list[str]) -> None:
 
 def cmd_tune(args: list[str]) -> None:
     """``maect tune recipe=NAME init=MAE_RUN_OR_CHECKPOINT out=DIR [key=value ...]``."""
-    from maect.tuning import tune
+    from maect.tuning import tune, with_init
 
     own, overrides = split_assignments(args, ("recipe", "init", "out"))
-    cfg = load_config(own["recipe"], [*overrides, f"maect.init={own['init']}"])
+    cfg = with_init(load_config(own["recipe"], overrides), own["init"])
     run_dir = tune(cfg, own["out"])
     print(f"run directory: {run_dir}")
 

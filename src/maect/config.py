@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("mae", "can", "maect")
+METHODS = ("mae", "can", "maect", "refiner")
+TUNING_METHODS = ("maect", "refiner")  # run by `maect tune` from an init encoder
 VIEW_PAIRS = ("min", "byol", "simclr")
 POOLINGS = ("cls", "mean")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "shards")
@@ -182,6 +183,45 @@ class MAECTConfig:
 
 
 @dataclass
+class RefinerConfig:
+    """MIM-Refiner (Alkin et al. 2024): one NNCLR head (projector, predictor, queue) per block of
+    ``blocks`` (0-based, negative from the end; the last block's head pools after the final norm,
+    the others the raw block output), trained on ``2`` global views (``model.img_size``,
+    ``data.crop_scale``) plus ``local_views`` views of ``local_size`` pixels. ``loss``: ``nna``
+    (only the positive logit uses the neighbour) or ``nnclr``. ``local_terms``: ``fixed`` pairs
+    each global view's neighbour with each local view's prediction; ``official`` repeats the
+    official code's indexing (predictions of views ``0 .. local_views - 1``). Stage 2 trains the
+    heads on the frozen encoder for ``head_epochs``; stage 3 the whole encoder (minus the bottom
+    ``frozen_blocks``) with ``optim`` and layer decay. lr = base lr x global batch / 256."""
+
+    init: str = ""
+    blocks: list[int] = field(default_factory=lambda: [-1])
+    loss: str = "nna"
+    views: str = "byol"
+    local_views: int = 10
+    local_size: int = 96
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    local_terms: str = "fixed"
+    pooling: str = "cls"
+    temperature: float = 0.2
+    topk: int = 20
+    queue_size: int = 65536
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    head_activation: str = "gelu"
+    encoder_ema: float = 0.9999
+    frozen_blocks: int = 0
+    layer_decay: float = 0.65
+    head_epochs: int = 20
+    head_base_lr: float = 2.0e-4
+    head_weight_decay: float = 1.0e-5
+    head_warmup_epochs: float = 4.0
+    tune_head_base_lr: float = 4.0e-4
+    tune_head_weight_decay: float = 1.0e-5
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; written to ``config.yaml`` in the run directory."""
 
@@ -194,6 +234,7 @@ class RunConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
     can: CANConfig = field(default_factory=CANConfig)
     maect: MAECTConfig = field(default_factory=MAECTConfig)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) without the other methods' sections."""
@@ -432,7 +473,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def validate_method_sections(cfg: RunConfig) -> None:
-    """Rules of the ``can`` and ``maect`` sections (checked only for their own method)."""
+    """Rules of the ``can``, ``maect`` and ``refiner`` sections (checked only for their own
+    method)."""
     if cfg.method == "can":
         c = cfg.can
         _require(
@@ -495,6 +537,73 @@ def validate_method_sections(cfg: RunConfig) -> None:
             f"must be in (0, 1], got {t.layer_decay}",
         )
         _require(t.head_epochs >= 0, "maect.head_epochs", f"must be >= 0, got {t.head_epochs}")
+    if cfg.method == "refiner":
+        validate_refiner(cfg)
+
+
+def validate_refiner(cfg: RunConfig) -> None:
+    """Rules of the ``refiner`` section."""
+    r, depth = cfg.refiner, cfg.model.depth
+    _require(
+        bool(r.blocks) and all(-depth <= b < depth for b in r.blocks),
+        "refiner.blocks",
+        f"must be a non-empty list of block indices in [-{depth}, {depth - 1}], got {r.blocks}",
+    )
+    _require(
+        len({b % depth for b in r.blocks}) == len(r.blocks),
+        "refiner.blocks",
+        f"must not name a block twice, got {r.blocks}",
+    )
+    _require(r.loss in ("nna", "nnclr"), "refiner.loss", f"must be nna or nnclr, got '{r.loss}'")
+    _require(r.views in VIEW_PAIRS, "refiner.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+    _require(r.local_views >= 0, "refiner.local_views", f"must be >= 0, got {r.local_views}")
+    patch = cfg.model.patch_size
+    _require(
+        0 < r.local_size <= cfg.model.img_size and r.local_size % patch == 0,
+        "refiner.local_size",
+        f"must be a multiple of model.patch_size={patch} in (0, model.img_size="
+        f"{cfg.model.img_size}], got {r.local_size}",
+    )
+    _require(
+        len(r.local_crop_scale) == 2 and 0.0 < r.local_crop_scale[0] <= r.local_crop_scale[1] <= 1,
+        "refiner.local_crop_scale",
+        f"must be [min, max] with 0 < min <= max <= 1, got {r.local_crop_scale}",
+    )
+    _require(
+        r.local_terms in ("fixed", "official"),
+        "refiner.local_terms",
+        f"must be fixed or official, got '{r.local_terms}'",
+    )
+    _require(r.pooling in POOLINGS, "refiner.pooling", f"must be one of {', '.join(POOLINGS)}")
+    _require(r.temperature > 0, "refiner.temperature", f"must be > 0, got {r.temperature}")
+    _require(r.topk >= 1, "refiner.topk", f"must be >= 1, got {r.topk}")
+    _require(
+        r.queue_size >= r.topk, "refiner.queue_size", f"must be >= refiner.topk, got {r.queue_size}"
+    )
+    for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+        value = getattr(r, key)
+        _require(value >= 1, f"refiner.{key}", f"must be >= 1, got {value}")
+    _require(
+        r.head_activation in ("relu", "gelu"),
+        "refiner.head_activation",
+        f"must be relu or gelu, got '{r.head_activation}'",
+    )
+    _require(
+        0.0 <= r.encoder_ema < 1.0,
+        "refiner.encoder_ema",
+        f"must be in [0, 1), got {r.encoder_ema}",
+    )
+    _require(
+        0 <= r.frozen_blocks <= depth,
+        "refiner.frozen_blocks",
+        f"must be in [0, model.depth={depth}], got {r.frozen_blocks}",
+    )
+    _require(
+        0.0 < r.layer_decay <= 1.0,
+        "refiner.layer_decay",
+        f"must be in (0, 1], got {r.layer_decay}",
+    )
+    _require(r.head_epochs >= 0, "refiner.head_epochs", f"must be >= 0, got {r.head_epochs}")
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:

@@ -115,9 +115,12 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[st
         *(stage.gpu_overrides if on_gpu else []),
         *extra,
     ]
+    cfg = load_config(stage.recipe, overrides)
     if stage.command == "tune":
-        overrides.append(f"maect.init={out / stage.init}")
-    return load_config(stage.recipe, overrides)
+        from maect.tuning import with_init
+
+        cfg = with_init(cfg, str(out / stage.init))
+    return cfg
 
 
 def pipeline_note(spec: PipelineSpec) -> str:

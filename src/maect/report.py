@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from maect.config import ConfigError
+from maect.config import TUNING_METHODS, ConfigError
 from maect.pipeline import COLUMNS
 
 REPORT_NAME = "report.html"
@@ -473,8 +473,8 @@ def grid_figure(path: Path, caption: str, labels: tuple[str, ...]) -> str:
 
 def reconstructions_section(run: RunFiles) -> str:
     """The first, middle and last reconstruction grid, rows labelled."""
-    if run.method == "maect":
-        return not_available("reconstruction grids (MAE-CT trains no decoder)")
+    if run.method in TUNING_METHODS:
+        return not_available("reconstruction grids (MAE-CT and MIM-Refiner train no decoder)")
     grids = sorted(
         (int(m.group(1)), p)
         for p in (run.path / "reconstructions").glob("epoch_*.png")
@@ -491,9 +491,11 @@ def reconstructions_section(run: RunFiles) -> str:
 
 
 def init_run_dir(run: RunFiles) -> Path | None:
-    """The run directory named by ``maect.init`` (the directory, its ``encoder.pt`` or one of its
-    checkpoints), as given or as a sibling of this run (a pipeline stage), when it exists."""
-    init = (run.config.get("maect") or {}).get("init") if run.method == "maect" else None
+    """The run directory named by ``maect.init`` / ``refiner.init`` (the directory, its
+    ``encoder.pt`` or one of its checkpoints), as given or as a sibling of this run (a pipeline
+    stage), when it exists."""
+    tuned = run.method in TUNING_METHODS
+    init = (run.config.get(run.method) or {}).get("init") if tuned else None
     if not isinstance(init, str) or not init:
         return None
     given = Path(init)
@@ -506,18 +508,19 @@ def init_run_dir(run: RunFiles) -> Path | None:
 
 
 def embeddings_section(run: RunFiles) -> str:
-    """``embedding.png``; for MAE-CT beside the embedding of its MAE init (before tuning)."""
+    """``embedding.png``; for MAE-CT and MIM-Refiner beside the embedding of its MAE init (before
+    tuning)."""
     own = run.path / "embedding.png"
-    if run.method != "maect":
+    if run.method not in TUNING_METHODS:
         if not own.is_file():
             return not_available("embedding plot (embedding.png; run maect evaluate)")
         return f'<div class="row">{png_figure(own, f"t-SNE of {run.path.name}")}</div>'
-    init = init_run_dir(run)
+    init, key = init_run_dir(run), f"{run.method}.init"
     before = init / "embedding.png" if init else None
     parts = [
-        png_figure(before, f"before contrastive tuning: {before.parent.name} (maect.init)")
+        png_figure(before, f"before contrastive tuning: {before.parent.name} ({key})")
         if before and before.is_file()
-        else not_available("embedding before contrastive tuning (embedding.png of maect.init)"),
+        else not_available(f"embedding before contrastive tuning (embedding.png of {key})"),
         png_figure(own, f"after contrastive tuning: {run.path.name}")
         if own.is_file()
         else not_available("embedding after contrastive tuning (embedding.png)"),

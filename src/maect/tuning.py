@@ -1,37 +1,73 @@
-"""``maect tune``: MAE-CT stage 2 (NNCLR head on the frozen encoder) then stage 3 (contrastive
-tuning), in one run directory.
+"""``maect tune``: stage 2 (heads on the frozen encoder) then stage 3 (tuning the encoder) of
+MAE-CT or MIM-Refiner, in one run directory.
 
 Layout: ``head/`` (stage 2: checkpoints, metrics.csv, ``head.pt`` when done), ``tune/`` (stage 3:
 checkpoints, metrics.csv), and at the top ``config.yaml`` and ``encoder.pt`` (the encoder EMA, or
-the online encoder when ``maect.encoder_ema=0``). Re-running the command resumes whichever stage
-was interrupted.
+the online encoder when the method's ``encoder_ema=0``). Re-running the command resumes whichever
+stage was interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from maect.checkpoints import CheckpointError, atomic_save, load_encoder, save_encoder
-from maect.config import ConfigError, RunConfig
+from maect.config import TUNING_METHODS, ConfigError, MAECTConfig, RefinerConfig, RunConfig
 from maect.engine import fit_module, prepare_run_dir, training_dataset
 from maect.evaluation.monitor import build_monitor
-from maect.methods.base import arch_from_config
+from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.models.vit import MaskedViT
 
 log = logging.getLogger(__name__)
 
 
+class TuningStages(NamedTuple):
+    """The stage-2 and stage-3 modules of a tuning method."""
+
+    head: type[NNCLRHeadTraining] | type[RefinerHeadTraining]
+    tune: type[ContrastiveTuning] | type[RefinerTuning]
+
+
+STAGES = {
+    "maect": TuningStages(NNCLRHeadTraining, ContrastiveTuning),
+    "refiner": TuningStages(RefinerHeadTraining, RefinerTuning),
+}
+assert set(STAGES) == set(TUNING_METHODS)
+
+
+def tuning_section(cfg: RunConfig) -> MAECTConfig | RefinerConfig:
+    """The config section of the tuning method ``cfg.method`` (``maect`` or ``refiner``)."""
+    if cfg.method not in STAGES:
+        raise ConfigError(
+            f"maect tune runs {' and '.join(STAGES)} recipes; {cfg.recipe or 'this config'} has "
+            f"method={cfg.method} (train it with maect pretrain)"
+        )
+    return getattr(cfg, cfg.method)
+
+
+def with_init(cfg: RunConfig, init: str) -> RunConfig:
+    """``cfg`` with the ``init`` of its tuning section set (the ``init=`` of ``maect tune``)."""
+    section = dataclasses.replace(tuning_section(cfg), init=init)
+    return dataclasses.replace(cfg, **{cfg.method: section})
+
+
 def load_init_encoder(cfg: RunConfig) -> MaskedViT:
-    """The encoder named by ``maect.init``; its architecture must match ``cfg.model``."""
-    if not cfg.maect.init:
-        raise ConfigError("maect.init is empty: name the MAE run or checkpoint to tune (init=...)")
-    encoder = load_encoder(cfg.maect.init, num_heads=cfg.model.num_heads)
+    """The encoder named by the method's ``init``; its architecture must match ``cfg.model``."""
+    init = tuning_section(cfg).init
+    if not init:
+        raise ConfigError(
+            f"{cfg.method}.init is empty: name the MAE run or checkpoint to tune (init=...)"
+        )
+    encoder = load_encoder(init, num_heads=cfg.model.num_heads)
     expected = arch_from_config(cfg)
     if encoder.arch != expected:
         diffs = [
@@ -40,7 +76,7 @@ def load_init_encoder(cfg: RunConfig) -> MaskedViT:
             if getattr(encoder.arch, field) != getattr(expected, field)
         ]
         raise CheckpointError(
-            f"maect.init={cfg.maect.init} does not fit model.* of the recipe ({'; '.join(diffs)})"
+            f"{cfg.method}.init={init} does not fit model.* of the recipe ({'; '.join(diffs)})"
         )
     return encoder.train()
 
@@ -48,8 +84,10 @@ def load_init_encoder(cfg: RunConfig) -> MaskedViT:
 def tune(
     cfg: RunConfig, out: str | Path, callbacks: list[Callback] | None = None, dev_run: int = 0
 ) -> Path:
-    """Run MAE-CT stages 2 and 3 into ``out`` (resuming either stage); ``callbacks`` join the
-    trainers of both stages."""
+    """Run stages 2 and 3 of ``cfg.method`` (MAE-CT or MIM-Refiner) into ``out`` (resuming
+    either stage); ``callbacks`` join the trainers of both stages."""
+    section = tuning_section(cfg)  # refuses a method that is not tuned
+    stages = STAGES[cfg.method]
     run_dir = Path(out)
     prepare_run_dir(run_dir, cfg)
     if (run_dir / "encoder.pt").is_file() and not dev_run:
@@ -61,9 +99,9 @@ def tune(
 
     head_file = run_dir / "head" / "head.pt"
     head_state = None
-    if cfg.maect.head_epochs > 0:
+    if section.head_epochs > 0:
         if not head_file.is_file() or dev_run:
-            head = NNCLRHeadTraining(cfg, load_init_encoder(cfg))
+            head = stages.head(cfg, load_init_encoder(cfg))
             dataset.transform = head.train_transform()
             trainer = fit_module(
                 head.cfg, head, dataset, run_dir / "head", list(callbacks or []), dev_run
@@ -75,7 +113,7 @@ def tune(
         else:
             head_state = torch.load(head_file, map_location="cpu", weights_only=True)
 
-    tuning = ContrastiveTuning(cfg, load_init_encoder(cfg), head_state)
+    tuning: PretrainMethod = stages.tune(cfg, load_init_encoder(cfg), head_state)
     dataset.transform = tuning.train_transform()
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
     stage3_callbacks = [*([monitor] if monitor is not None else []), *(callbacks or [])]

@@ -175,3 +175,34 @@ def loader_views(
     several a tuple."""
     made = [augmented_view(img_size, channels, mean, std, scale, hflip, **kw) for kw in views]
     return made[0] if len(made) == 1 else MultiView(*made)
+
+
+# Augmentation of MIM-Refiner's local views for each named pair (pixel keywords of
+# :func:`pixel_ops`); the official byol pair's local views: jitter 0.8, blur 0.5, gray 0.2.
+LOCAL_VIEWS: dict[str, dict] = {
+    "min": {},
+    "byol": {"jitter_p": 0.8, "blur_p": 0.5, "gray_p": 0.2},
+    "simclr": VIEW_PAIRS["simclr"][0],
+}
+
+
+def multi_crop(
+    name: str,
+    img_size: int,
+    local_size: int,
+    local_views: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float],
+    local_scale: Sequence[float],
+    hflip: bool = True,
+) -> MultiView:
+    """MIM-Refiner's views, all made in the loader: the named pair's two global views
+    (``img_size``, crops of ``scale``) followed by ``local_views`` views of ``local_size`` pixels
+    (crops of ``local_scale``) with the pair's local augmentation (:data:`LOCAL_VIEWS`)."""
+    pair = [
+        augmented_view(img_size, channels, mean, std, scale, hflip, **kw) for kw in VIEW_PAIRS[name]
+    ]
+    local = augmented_view(local_size, channels, mean, std, local_scale, hflip, **LOCAL_VIEWS[name])
+    return MultiView(*pair, *[local] * local_views)

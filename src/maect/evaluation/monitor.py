@@ -6,7 +6,7 @@ import logging
 
 from lightning import Callback, LightningModule, Trainer
 
-from maect.config import RunConfig
+from maect.config import TUNING_METHODS, RunConfig
 from maect.data.datasets import (
     DataNotFoundError,
     ImageDataset,
@@ -143,5 +143,5 @@ def build_monitor(
         subset = SubsetDataset(dataset, balanced_subset(dataset.labels, size, cfg.trainer.seed))
         subset.transform = eval_transform(m.img_size, m.in_chans, mean, std)
         subsets.append(subset)
-    pooling = cfg.maect.pooling if cfg.method == "maect" else "cls"
+    pooling = getattr(cfg, cfg.method).pooling if cfg.method in TUNING_METHODS else "cls"
     return OnlineKNN(*subsets, every=every, pooling=pooling, batch_size=d.batch_size)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maect.checkpoints import CheckpointError
-from maect.config import ConfigError, RunConfig
+from maect.config import ConfigError, MAECTConfig, RefinerConfig, RunConfig
 from maect.data.transforms import VIEW_PAIRS
 from maect.distributed import gather_no_grad
 from maect.losses.contrastive import nnclr_loss
@@ -40,19 +40,25 @@ def frozen_block_count(cfg: RunConfig) -> int:
     return cfg.model.depth // 2 if frozen is None else frozen
 
 
+def head_schedule(cfg: RunConfig, section: MAECTConfig | RefinerConfig) -> RunConfig:
+    """``cfg`` with the head stage's lr, weight decay, warmup and epochs (``head_*`` of the
+    method's ``section``) in place of ``optim``'s and ``trainer.epochs``."""
+    optim = dataclasses.replace(
+        cfg.optim,
+        base_lr=section.head_base_lr,
+        weight_decay=section.head_weight_decay,
+        warmup_epochs=section.head_warmup_epochs,
+    )
+    trainer = dataclasses.replace(cfg.trainer, epochs=max(1, section.head_epochs))
+    return dataclasses.replace(cfg, optim=optim, trainer=trainer)
+
+
 def head_stage_config(cfg: RunConfig) -> RunConfig:
     """Stage-2 settings: the head's lr, weight decay, warmup and epochs replace ``optim``'s, and
     ``maect.head_temperature`` replaces stage 3's ``maect.temperature``."""
     t = cfg.maect
-    optim = dataclasses.replace(
-        cfg.optim,
-        base_lr=t.head_base_lr,
-        weight_decay=t.head_weight_decay,
-        warmup_epochs=t.head_warmup_epochs,
-    )
-    trainer = dataclasses.replace(cfg.trainer, epochs=max(1, t.head_epochs))
     maect = dataclasses.replace(t, temperature=t.head_temperature)
-    return dataclasses.replace(cfg, optim=optim, trainer=trainer, maect=maect)
+    return dataclasses.replace(head_schedule(cfg, t), maect=maect)
 
 
 def refuse_legacy_predictor(predictor_state: Mapping[str, Any], source: str) -> None:
@@ -63,6 +69,16 @@ def refuse_legacy_predictor(predictor_state: Mapping[str, Any], source: str) -> 
             f"{source} holds an NNCLR predictor whose last layer has a bias (written by an older "
             "maect; the official MAE-CT head has none, nor does this one): train the head again "
             "in a new out= directory"
+        )
+
+
+def check_queue_size(size: int, batch_size: int, world_size: int, key: str) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` unless the queue holds whole global batches."""
+    global_batch = batch_size * world_size
+    if size % global_batch:
+        raise ConfigError(
+            f"{key}={size} is not a multiple of the global batch "
+            f"{global_batch} (data.batch_size={batch_size} x {world_size} devices)"
         )
 
 
@@ -99,13 +115,8 @@ class NNCLRMethod(PretrainMethod):
     # ------------------------------------------------------------------ step
 
     def on_fit_start(self) -> None:
-        global_batch = self.cfg.data.batch_size * self.trainer.world_size
-        if self.queue.size % global_batch:
-            raise ConfigError(
-                f"maect.queue_size={self.queue.size} is not a multiple of the global batch "
-                f"{global_batch} (data.batch_size={self.cfg.data.batch_size} x "
-                f"{self.trainer.world_size} devices)"
-            )
+        batch, world = self.cfg.data.batch_size, self.trainer.world_size
+        check_queue_size(self.queue.size, batch, world, "maect.queue_size")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefix = "predictor."

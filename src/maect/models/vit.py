@@ -5,10 +5,12 @@ The module *is* a ``timm.models.VisionTransformer`` (timm key names, fused atten
 is the fixed 2-D sin-cos table of MAE, stored in ``pos_embed`` with a (zero) CLS slot.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -65,6 +67,7 @@ class MaskedViT(VisionTransformer):
         super().__init__(**arch.timm_kwargs())
         self.arch = arch
         self.pos_embed.requires_grad_(False)
+        self.patch_embed.strict_img_size = False  # other sizes go through embed() (local crops)
         self.initialize_mae()
 
     @torch.no_grad()
@@ -90,17 +93,49 @@ class MaskedViT(VisionTransformer):
         x = self.norm(self.blocks(self.norm_pre(x)))
         return x, masking
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, 1 + N, D]`` (CLS first) with position embeddings, before the blocks.
+
+        Images of another size (a multiple of the patch size, e.g. MIM-Refiner's local crops)
+        get the sin-cos table resampled bicubically to their grid (no antialiasing, as the
+        official code interpolates); the weights and ``encoder.pt`` do not change.
+        """
+        tokens = self.patch_embed(images)
+        grid = [side // self.arch.patch_size for side in images.shape[-2:]]
+        if grid == [self.arch.grid_size] * 2:
+            return self._pos_embed(tokens)
+        pos = resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1, antialias=False)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return self.pos_drop(torch.cat([cls, tokens], dim=1) + pos)
+
+    def forward_blocks(
+        self, images: torch.Tensor, blocks: Sequence[int], frozen_blocks: int = 0
+    ) -> list[torch.Tensor]:
+        """Tokens ``[B, 1 + N, D]`` after each block of ``blocks`` (0-based, in that order).
+
+        The last block's tokens come after the final norm (what ``forward_features`` returns),
+        the others are the raw block outputs (the residual stream, as MIM-Refiner pools them).
+        Blocks above the deepest requested one are not run. With ``frozen_blocks > 0`` the
+        embedding and the first ``frozen_blocks`` blocks run without autograd (no activations
+        stored for them).
+        """
+        wanted, last = set(blocks), self.arch.depth - 1
+        grad = torch.is_grad_enabled()
+        outputs: dict[int, torch.Tensor] = {}
+        with torch.set_grad_enabled(grad and frozen_blocks == 0):
+            x = self.norm_pre(self.embed(images))
+        for index, block in enumerate(self.blocks[: max(blocks) + 1]):
+            with torch.set_grad_enabled(grad and index >= frozen_blocks):
+                x = block(x)
+            if index in wanted:
+                outputs[index] = self.norm(x) if index == last else x
+        return [outputs[index] for index in blocks]
+
     def forward_partially_frozen(self, images: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
         """``forward_features`` with the first ``frozen_blocks`` blocks and, if there are any, the
         embedding run without autograd (no activations stored for them). Returns normed
         ``[B, 1 + N, D]``."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks == 0):
-            x = self.norm_pre(self._pos_embed(self.patch_embed(images)))
-            for block in self.blocks[:frozen_blocks]:
-                x = block(x)
-        for block in self.blocks[frozen_blocks:]:
-            x = block(x)
-        return self.norm(x)
+        return self.forward_blocks(images, [self.arch.depth - 1], frozen_blocks)[0]
 
 
 def init_like_linear(weight: torch.Tensor) -> None:
