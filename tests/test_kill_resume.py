@@ -24,6 +24,7 @@ from maect.methods.base import arch_from_config
 from maect.models.vit import MaskedViT
 from tests.conftest import TINY_OVERRIDES
 from tests.test_maect import MAECT_TINY
+from tests.test_refiner import REFINER_TINY
 
 pytestmark = pytest.mark.slow
 
@@ -64,20 +65,24 @@ def _check(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
 
 
-def _tune_setup(tmp_path: Path) -> tuple[list[str], list[str]]:
+TUNE_OVERRIDES = {"maect": MAECT_TINY, "refiner": REFINER_TINY}
+
+
+def _tune_setup(tmp_path: Path, method: str) -> tuple[list[str], list[str]]:
     init = tmp_path / "init.pt"
-    cfg = load_config("maect/fmnist_vit_t", MAECT_TINY)
+    overrides = TUNE_OVERRIDES[method]
+    cfg = load_config(f"{method}/fmnist_vit_t", overrides)
     torch.manual_seed(0)
     save_encoder(MaskedViT(arch_from_config(cfg)), init)
-    extra = [o for o in MAECT_TINY if o not in TINY_OVERRIDES and not o.startswith("trainer.")]
-    return ["tune", "recipe=maect/fmnist_vit_t", f"init={init}"], extra
+    extra = [o for o in overrides if o not in TINY_OVERRIDES and not o.startswith("trainer.")]
+    return ["tune", f"recipe={method}/fmnist_vit_t", f"init={init}"], extra
 
 
-@pytest.mark.parametrize("case", ["mae", "can", "maect", "mae-shards", "can-device"])
+@pytest.mark.parametrize("case", ["mae", "can", "maect", "refiner", "mae-shards", "can-device"])
 def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
     subdir = ""
-    if case == "maect":
-        args, extra = _tune_setup(tmp_path)
+    if case in TUNE_OVERRIDES:
+        args, extra = _tune_setup(tmp_path, case)
         subdir = "tune"
     elif case == "mae-shards":  # streaming shards read by a loader worker
         root = tmp_path / "shards"
@@ -115,7 +120,7 @@ def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH > killed_at
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():  # includes queue and EMA buffers for MAE-CT
+    for key, value in a["state_dict"].items():  # includes queues and EMAs (MAE-CT, refiner)
         assert torch.equal(b["state_dict"][key], value), key
     for got, want in zip(
         b["optimizer_states"][0]["state"].values(),
