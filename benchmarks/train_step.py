@@ -21,6 +21,9 @@ Cases and their peers (ratio = our images/s over the peer's):
 - ``can`` vs ``can_eager``: each view through encoder and decoder on its own.
 - ``simclr`` (CAN's configuration without masking, noise and decoder) is the FLOPs reference of
   ``can``; ``maect_head`` is MAE-CT stage 2 (NNCLR head on the frozen encoder).
+- ``refiner`` is MIM-Refiner stage 3 (``refiner/<model>``: every head, 2 global + the local
+  views, the whole encoder trained); no peer. ``--model vit_h14`` has MAE, MAE-CT and refiner
+  recipes only.
 
 Peak memory: on CUDA ``max_memory_allocated`` during one step, less what other cases hold; on CPU
 (no allocator statistics) parameters, gradients and AdamW state plus the tensors saved for backward.
@@ -42,6 +45,7 @@ Usage::
     python benchmarks/train_step.py --model vit_b16 --batch 8 --cases mae,lightly
     python benchmarks/train_step.py --model vit_l16 --batch 2 --flops-only
     python benchmarks/train_step.py --model vit_t_fmnist --batch 64 --scale
+    python benchmarks/train_step.py --model vit_l16 --batch 1 --cases refiner --rounds 1
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from _common import (
     synchronize,
     training_flops,
 )
-from can_cost import MODELS
+from can_cost import MODELS as CAN_MODELS
 from lightly.models import utils as lightly_utils
 from lightly.models.modules import (
     MaskedVisionTransformerDecoderTIMM,
@@ -80,7 +84,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from maect.config import RunConfig, load_config
+from maect.config import RunConfig, available_recipes, load_config
 from maect.data.datasets import (
     DataNotFoundError,
     ImageFolderDataset,
@@ -92,10 +96,23 @@ from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.can import CANOutput
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.methods.refiner import RefinerTuning
 from maect.methods.schedule import decay_groups
 from maect.models.vit import build_encoder
 
-CASES = ("mae", "lightly", "maect", "maect_eager", "can", "can_eager", "simclr", "maect_head")
+CASES = (
+    "mae",
+    "lightly",
+    "maect",
+    "maect_eager",
+    "can",
+    "can_eager",
+    "simclr",
+    "maect_head",
+    "refiner",
+)
+# --model -> (recipe suffix, SimCLR recipe); a method without a recipe of that suffix is left out
+MODELS = {**CAN_MODELS, "vit_h14": ("in1k_vit_h14", "simclr/in1k_vit_b16")}
 DEFAULT_CASES = "mae,lightly,maect,maect_eager,can,can_eager,simclr"
 PEERS = {"mae": "lightly", "maect": "maect_eager", "can": "can_eager"}
 SECTION = "### Training step: maect vs peers (`benchmarks/train_step.py`)"
@@ -201,19 +218,23 @@ def concat_outputs(parts: list[Any]) -> Any:
 
 
 def method_configs(model: str, batch: int, overrides: list[str]) -> dict[str, RunConfig]:
-    """MAE, MAE-CT, CAN and SimCLR configurations of ``model`` with ``overrides``; the MAE-CT
-    queue is rounded down to a multiple of ``batch`` (it must divide by the batch)."""
+    """MAE, MAE-CT, CAN, SimCLR and MIM-Refiner configurations of ``model`` with ``overrides``
+    (those with a recipe); the queues are rounded down to a multiple of ``batch`` (they must
+    divide by the batch)."""
     suffix, simclr_recipe = MODELS[model]
     mae = load_config(f"mae/{suffix}", overrides)
-    queue = load_config(f"maect/{suffix}", overrides).maect.queue_size
-    queue_size = [f"maect.queue_size={batch * max(1, queue // batch)}"]
     same_model = [f"model.{k}={v}" for k, v in dataclasses.asdict(mae.model).items()]
-    return {
-        "mae": mae,
-        "maect": load_config(f"maect/{suffix}", overrides + queue_size),
-        "can": load_config(f"can/{suffix}", overrides),
-        "simclr": load_config(simclr_recipe, overrides + same_model),
-    }
+    configs = {"mae": mae, "simclr": load_config(simclr_recipe, overrides + same_model)}
+    for method in ("maect", "can", "refiner"):
+        recipe = f"{method}/{suffix}"
+        if recipe not in available_recipes():
+            continue
+        extra = []
+        if method != "can":
+            queue = getattr(load_config(recipe, overrides), method).queue_size
+            extra = [f"{method}.queue_size={batch * max(1, queue // batch)}"]
+        configs[method] = load_config(recipe, overrides + extra)
+    return configs
 
 
 def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
@@ -231,6 +252,9 @@ def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
     if name == "maect_head":
         cfg = configs["maect"]
         return NNCLRHeadTraining(cfg, build_encoder(arch_from_config(cfg)))
+    if name == "refiner":
+        cfg = configs["refiner"]
+        return RefinerTuning(cfg, build_encoder(arch_from_config(cfg)))
     if name == "can":
         return CAN(configs["can"])
     if name == "can_eager":
@@ -241,14 +265,19 @@ def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
 
 
 def views_of(name: str) -> int:
-    """Views per image of case ``name``."""
+    """Views per image of case ``name`` at the model's image size."""
     return 1 if name in ("mae", "lightly") else 2
 
 
 def synthetic_batch(cfg: RunConfig, views: int, batch: int, device: torch.device) -> dict:
-    """Random normalised images (a list of ``views`` tensors when 2), labels and sample ids."""
+    """Random normalised images (a list of ``views`` tensors when 2, followed by the local views
+    of a refiner config), labels and sample ids."""
     m = cfg.model
     images = torch.randn(views, batch, m.in_chans, m.img_size, m.img_size, device=device)
+    if cfg.method == "refiner":
+        r = cfg.refiner
+        shape = (batch, m.in_chans, r.local_size, r.local_size)
+        images = [*images, *(torch.randn(shape, device=device) for _ in range(r.local_views))]
     return {
         "image": list(images) if views == 2 else images[0],
         "label": torch.randint(10, (batch,), device=device),
@@ -549,7 +578,7 @@ def data_results(configs: dict[str, RunConfig], results: dict[str, Result]) -> l
     step's images/s (below 1: the data does not keep up)."""
     out = []
     threads = torch.get_num_threads()
-    for name in ("mae", "maect", "can"):
+    for name in ("mae", "maect", "can", "refiner"):
         if name in results:
             cfg = configs[name]
             for where, n in (("1 worker", 1), (f"in-process, {threads} threads", threads)):

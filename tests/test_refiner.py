@@ -289,6 +289,12 @@ def test_tuning_stage_groups_ema_and_frozen_blocks(refiner_cfg):
     head_scale = cfg.refiner.tune_head_base_lr / cfg.optim.base_lr
     assert all(scale[id(p)] == head_scale for p in module.heads.parameters())
 
+    lower = RefinerTuning(refiner_cfg("refiner.blocks=[0]"), MaskedViT(arch_from_config(cfg)))
+    trained = {id(p) for g in lower.param_groups() for p in g["params"]}
+    encoder = lower.encoder
+    assert not any(id(p) in trained for p in [*encoder.blocks[1].parameters(), encoder.norm.weight])
+    assert id(encoder.blocks[0].attn.qkv.weight) in trained
+
     whole = RefinerTuning(refiner_cfg(), MaskedViT(arch_from_config(cfg)))
     scale = {id(p): g["lr_scale"] for g in whole.param_groups() for p in g["params"]}
     assert scale[id(whole.encoder.cls_token)] == pytest.approx(0.65**3)  # depth 2: stem 0.65^3

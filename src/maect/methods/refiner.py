@@ -214,12 +214,23 @@ class RefinerTuning(RefinerMethod):
             self.encoder.cls_token.requires_grad_(False)
         for module in self.frozen_modules():
             module.requires_grad_(False)
+        for module in self.unused_modules():
+            module.requires_grad_(False)
 
     def frozen_modules(self) -> list[nn.Module]:
         """Patch embedding and the bottom blocks when any block is frozen, else nothing."""
         if not self.frozen_blocks:
             return []
         return [self.encoder.patch_embed, *self.encoder.blocks[: self.frozen_blocks]]
+
+    def unused_modules(self) -> list[nn.Module]:
+        """What no head's output depends on: the blocks above the deepest head, and the final
+        norm unless the last block has a head (not trained; DDP needs every trained parameter
+        to receive a gradient)."""
+        unused: list[nn.Module] = list(self.encoder.blocks[max(self.blocks) + 1 :])
+        if self.cfg.model.depth - 1 not in self.blocks:
+            unused.append(self.encoder.norm)
+        return unused
 
     def train(self, mode: bool = True) -> RefinerTuning:
         super().train(mode)
