@@ -299,6 +299,9 @@ def test_tuning_stage_groups_ema_and_frozen_blocks(refiner_cfg):
     scale = {id(p): g["lr_scale"] for g in whole.param_groups() for p in g["params"]}
     assert scale[id(whole.encoder.cls_token)] == pytest.approx(0.65**3)  # depth 2: stem 0.65^3
     assert scale[id(whole.encoder.patch_embed.proj.weight)] == pytest.approx(0.65**3)
+    decay = {id(p): g["weight_decay"] for g in whole.param_groups() for p in g["params"]}
+    assert decay[id(whole.encoder.cls_token)] == 0.0  # the official ViT exempts it
+    assert decay[id(whole.encoder.patch_embed.proj.weight)] == cfg.optim.weight_decay
 
     optimizer = torch.optim.AdamW(module.param_groups(), lr=1e-2)
     ema_before = copy.deepcopy(module.ema_encoder.state_dict())

@@ -245,8 +245,9 @@ class RefinerTuning(RefinerMethod):
 
     def param_groups(self) -> list[dict]:
         r, o = self.cfg.refiner, self.cfg.optim
+        # the official ViT exempts its CLS token from weight decay (ExcludeFromWdByNameModifier)
         groups = layer_decay_groups(
-            self.encoder, self.cfg.model.depth, r.layer_decay, o.weight_decay
+            self.encoder, self.cfg.model.depth, r.layer_decay, o.weight_decay, exempt={"cls_token"}
         )
         groups += decay_groups(
             self.heads.named_parameters(),

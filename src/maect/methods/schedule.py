@@ -1,7 +1,7 @@
 """Learning-rate schedule and parameter groups."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from torch import nn
 
@@ -23,14 +23,19 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def decay_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    exempt: Collection[str] = (),
 ) -> list[dict]:
-    """Split trainable parameters into a weight-decay group and a no-decay group."""
+    """Split trainable parameters into a weight-decay group and a no-decay group (biases, 1-D
+    parameters and the names in ``exempt``)."""
     decay, no_decay = [], []
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
+        skip = name in exempt or no_weight_decay(name, param)
+        (no_decay if skip else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
@@ -39,12 +44,17 @@ def decay_groups(
 
 
 def layer_decay_groups(
-    encoder: nn.Module, depth: int, layer_decay: float, weight_decay: float
+    encoder: nn.Module,
+    depth: int,
+    layer_decay: float,
+    weight_decay: float,
+    exempt: Collection[str] = (),
 ) -> list[dict]:
     """Groups for the trainable encoder parameters with layer-wise lr decay.
 
     Block ``j`` (0-based) gets ``layer_decay ** (depth - j)`` (the top block ``layer_decay``); the
     final norm and anything above the blocks get 1; the embeddings ``layer_decay ** (depth + 1)``.
+    ``exempt`` names parameters without weight decay besides biases and 1-D parameters.
     """
     by_scale: dict[float, list[tuple[str, nn.Parameter]]] = {}
     for name, param in encoder.named_parameters():
@@ -57,5 +67,5 @@ def layer_decay_groups(
         by_scale.setdefault(scale, []).append((name, param))
     groups: list[dict] = []
     for scale, named in sorted(by_scale.items()):
-        groups += decay_groups(named, weight_decay, lr_scale=scale)
+        groups += decay_groups(named, weight_decay, lr_scale=scale, exempt=exempt)
     return groups
