@@ -22,8 +22,8 @@ Cases and their peers (ratio = our images/s over the peer's):
 - ``simclr`` (CAN's configuration without masking, noise and decoder) is the FLOPs reference of
   ``can``; ``maect_head`` is MAE-CT stage 2 (NNCLR head on the frozen encoder).
 - ``refiner`` is MIM-Refiner stage 3 (``refiner/<model>``: every head, 2 global + the local
-  views, the whole encoder trained); no peer. ``--model vit_h14`` has MAE, MAE-CT and refiner
-  recipes only.
+  views, the whole encoder trained), ``refiner_head`` its stage 2; no peer. ``--model vit_h14``
+  has MAE, MAE-CT and refiner recipes only.
 
 Peak memory: on CUDA ``max_memory_allocated`` during one step, less what other cases hold; on CPU
 (no allocator statistics) parameters, gradients and AdamW state plus the tensors saved for backward.
@@ -96,7 +96,7 @@ from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.can import CANOutput
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
-from maect.methods.refiner import RefinerTuning
+from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.methods.schedule import decay_groups
 from maect.models.vit import build_encoder
 
@@ -110,6 +110,7 @@ CASES = (
     "simclr",
     "maect_head",
     "refiner",
+    "refiner_head",
 )
 # --model -> (recipe suffix, SimCLR recipe); a method without a recipe of that suffix is left out
 MODELS = {**CAN_MODELS, "vit_h14": ("in1k_vit_h14", "simclr/in1k_vit_b16")}
@@ -252,9 +253,10 @@ def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
     if name == "maect_head":
         cfg = configs["maect"]
         return NNCLRHeadTraining(cfg, build_encoder(arch_from_config(cfg)))
-    if name == "refiner":
+    if name in ("refiner", "refiner_head"):
         cfg = configs["refiner"]
-        return RefinerTuning(cfg, build_encoder(arch_from_config(cfg)))
+        stage = RefinerTuning if name == "refiner" else RefinerHeadTraining
+        return stage(cfg, build_encoder(arch_from_config(cfg)))
     if name == "can":
         return CAN(configs["can"])
     if name == "can_eager":

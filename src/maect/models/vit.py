@@ -120,15 +120,19 @@ class MaskedViT(VisionTransformer):
         stored for them).
         """
         wanted, last = set(blocks), self.arch.depth - 1
+        # runs of blocks that end at a requested block or at the last frozen one
+        ends = sorted(wanted | ({frozen_blocks - 1} if 0 < frozen_blocks <= max(wanted) else set()))
         grad = torch.is_grad_enabled()
         outputs: dict[int, torch.Tensor] = {}
         with torch.set_grad_enabled(grad and frozen_blocks == 0):
             x = self.norm_pre(self.embed(images))
-        for index, block in enumerate(self.blocks[: max(blocks) + 1]):
-            with torch.set_grad_enabled(grad and index >= frozen_blocks):
-                x = block(x)
-            if index in wanted:
-                outputs[index] = self.norm(x) if index == last else x
+        start = 0
+        for end in ends:
+            with torch.set_grad_enabled(grad and start >= frozen_blocks):
+                x = self.blocks[start : end + 1](x)
+            if end in wanted:
+                outputs[end] = self.norm(x) if end == last else x
+            start = end + 1
         return [outputs[index] for index in blocks]
 
     def forward_partially_frozen(self, images: torch.Tensor, frozen_blocks: int) -> torch.Tensor:
