@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from maect.checkpoints import save_encoder
 from maect.config import ConfigError, load_config
 from maect.data.datasets import make_synthetic
+from maect.engine import pretrain
 from maect.methods.base import arch_from_config
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.models.vit import MaskedViT
@@ -136,10 +137,13 @@ def test_bad_refiner_values_name_the_key(override, message):
         load_config("refiner/fmnist_vit_t", [*REFINER_TINY, override])
 
 
-def test_tune_refuses_a_pretraining_recipe(tmp_path):
+def test_tune_and_pretrain_refuse_each_others_recipes(tmp_path):
     cfg = load_config("mae/fmnist_vit_t", TINY_OVERRIDES)
     with pytest.raises(ConfigError, match="maect tune runs maect and refiner recipes"):
         tune(cfg, tmp_path / "run")
+    cfg = load_config("refiner/fmnist_vit_t", REFINER_TINY)
+    with pytest.raises(ConfigError, match="maect pretrain trains mae, can; .* method=refiner"):
+        pretrain(cfg, tmp_path / "run")
 
 
 # --------------------------------------------------------------------------- encoder

@@ -261,6 +261,11 @@ def pretrain(
     Returns:
         The run directory.
     """
+    if cfg.method not in METHOD_CLASSES:
+        raise ConfigError(
+            f"maect pretrain trains {', '.join(METHOD_CLASSES)}; {cfg.recipe or 'this config'} has "
+            f"method={cfg.method}, which tunes a pretrained encoder: maect tune ... init=RUN"
+        )
     run_dir = Path(out)
     prepare_run_dir(run_dir, cfg)
     if (run_dir / "encoder.pt").is_file() and not dev_run:
