@@ -72,7 +72,7 @@ class RefinerMethod(PretrainMethod):
         super().__init__(cfg, encoder)
         r = cfg.refiner
         self.blocks = head_blocks(cfg)
-        width = encoder.embed_dim * (2 if r.pooling == "cls+mean" else 1)
+        width = encoder.embed_dim
         self.heads = nn.ModuleDict(
             {f"block{b}": RefinerHead(width, r, cfg.trainer.seed + b) for b in self.blocks}
         )
