@@ -35,6 +35,14 @@ def test_train_step_prints_every_case_and_the_summary():
     assert summary.startswith("summary mae_vs_peer=") and "can_vs_simclr_flops=" in summary
 
 
+def test_train_step_refiner_cases():
+    out = run(
+        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--cases",
+        "refiner,refiner_head", "--flops-only", "--device", "cpu",
+    )  # fmt: skip
+    assert "\nrefiner " in out and "\nrefiner_head " in out
+
+
 def test_eval_prints_each_task_against_its_peer():
     out = run(
         "eval.py", "--device", "cpu", "--banks", "synthetic", "--tasks", "knn,kmeans,linear",
