@@ -130,6 +130,7 @@ def test_fmnist_recipe_is_valid_and_small():
         ("refiner.local_size=10", "refiner.local_size must be a multiple of model.patch_size=4"),
         ("refiner.loss=byol", "refiner.loss must be nna or nnclr"),
         ("refiner.local_terms=all", "refiner.local_terms must be fixed or official"),
+        ("data.augment_on=device", "data.augment_on must be loader for method=refiner"),
     ],
 )
 def test_bad_refiner_values_name_the_key(override, message):
@@ -196,7 +197,7 @@ def test_multi_crop_views_shapes(refiner_cfg):
     dataset.transform = module.train_transform()
     views, label, index = dataset[1]
     r = cfg.refiner
-    assert len(views) == 2 + r.local_views
+    assert len(views) == len(module.view_specs()) == 2 + r.local_views
     assert [v.shape[-1] for v in views] == [28, 28] + [r.local_size] * r.local_views
     assert all(v.dtype == torch.float32 and v.shape[0] == 1 for v in views)
 

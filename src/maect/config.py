@@ -556,6 +556,12 @@ def validate_refiner(cfg: RunConfig) -> None:
     )
     _require(r.loss in ("nna", "nnclr"), "refiner.loss", f"must be nna or nnclr, got '{r.loss}'")
     _require(r.views in VIEW_PAIRS, "refiner.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+    _require(
+        cfg.data.augment_on == "loader",
+        "data.augment_on",
+        "must be loader for method=refiner (device augmentation batches views of one size; the "
+        "local views are smaller)",
+    )
     _require(r.local_views >= 0, "refiner.local_views", f"must be >= 0, got {r.local_views}")
     patch = cfg.model.patch_size
     _require(

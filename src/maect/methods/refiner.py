@@ -23,7 +23,7 @@ from torch import nn
 
 from maect.config import RefinerConfig, RunConfig
 from maect.data.datasets import normalization_stats
-from maect.data.transforms import multi_crop
+from maect.data.transforms import LOCAL_VIEWS, VIEW_PAIRS, multi_crop
 from maect.distributed import gather_no_grad
 from maect.losses.contrastive import multicrop_nn_loss, multicrop_pairs
 from maect.methods.base import PretrainMethod
@@ -85,7 +85,14 @@ class RefinerMethod(PretrainMethod):
         """Tokens ``[B, 1 + N, D]`` of every head's block (in ``self.blocks`` order)."""
         raise NotImplementedError
 
+    def view_specs(self) -> list[dict]:
+        """Pixel keywords of the two global views, then of every local view."""
+        r = self.cfg.refiner
+        return [*VIEW_PAIRS[r.views], *[LOCAL_VIEWS[r.views]] * r.local_views]
+
     def train_transform(self) -> Callable:
+        """Every view made in the loader (:func:`multi_crop`; ``data.augment_on=device`` is
+        refused for the refiner in the config)."""
         m, d, r = self.cfg.model, self.cfg.data, self.cfg.refiner
         mean, std = normalization_stats(d.name, m.in_chans)
         return multi_crop(
