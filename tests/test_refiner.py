@@ -263,6 +263,18 @@ def test_every_head_has_its_own_fifo_queue_without_self(refiner_cfg):
 # --------------------------------------------------------------------------- stages
 
 
+def test_heads_are_the_official_nnclr_heads(refiner_cfg):
+    cfg = refiner_cfg()
+    module = RefinerTuning(cfg, MaskedViT(arch_from_config(cfg)))
+    head = module.heads["block1"]
+    kinds = [type(m).__name__ for m in head.predictor]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d"]
+    assert [type(m).__name__ for m in head.projector].count("GELU") == 2
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 5 and all(m.bias is None for m in linears)
+    assert head.queue.size == cfg.refiner.queue_size and head.queue.embeddings.shape[1] == 16
+
+
 def test_head_stage_trains_only_the_heads(refiner_cfg):
     cfg = refiner_cfg()
     encoder = MaskedViT(arch_from_config(cfg))
