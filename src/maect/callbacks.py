@@ -1,4 +1,8 @@
-"""Training callbacks: throughput display, reconstruction grids and stage progress."""
+"""Training callbacks: throughput and learning rate, the progress bar, reconstruction grids and
+stage progress.
+
+None of them reads a device value on the host more often than every ``trainer.log_every_n_steps``
+optimizer steps (see :mod:`maect.methods.base`)."""
 
 from __future__ import annotations
 
@@ -9,25 +13,57 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from maect.methods.base import is_logging_step
 from maect.viz import image_grid, save_grid
+
+SHOWN = {"train/loss_step": "loss", "train/lr": "lr", "img_per_s": "img/s"}
 
 
 class Throughput(Callback):
-    """Logs images/s (all devices) measured between consecutive training batches."""
+    """Logs images/s (all devices) and the learning rate every ``trainer.log_every_n_steps``
+    optimizer steps; images/s is the mean over the batches since the previous log, timed on the
+    host (the step does not wait for the device, so a window's first batches can be queued work)."""
 
     def __init__(self) -> None:
-        self._last: float | None = None
+        self._start: float | None = None
+        self._images = 0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last = None
+        self._start = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._last is not None:
-            images = len(batch["label"]) * trainer.world_size
-            pl_module.log("img_per_s", images / (now - self._last), prog_bar=True, batch_size=1)
-        self._last = now
+        if self._start is None:  # the first batch of an epoch includes the loader's start-up
+            self._start, self._images = now, 0
+            return
+        self._images += len(batch["label"]) * trainer.world_size
+        if is_logging_step(trainer, batch_idx):
+            pl_module.log("img_per_s", self._images / (now - self._start), batch_size=1)
+            pl_module.log("train/lr", trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
+            self._start, self._images = now, 0
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar showing the loss, lr and images/s as last logged: read on the host
+    at logging steps only (a value shown with ``self.log(..., prog_bar=True)`` is read every
+    batch, which waits for the device each step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if is_logging_step(trainer, batch_idx):
+            metrics = trainer.callback_metrics
+            self._shown = {
+                label: float(metrics[name]) for name, label in SHOWN.items() if name in metrics
+            }
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
 
 
 class ReconstructionGrid(Callback):

@@ -45,6 +45,7 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    grad_checkpointing: bool = False  # recompute block activations in backward (not the weights)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from timm.models.vision_transformer import Block
 
-from maect.callbacks import ReconstructionGrid, Throughput
+from maect.callbacks import ProgressBar, ReconstructionGrid, Throughput
 from maect.checkpoints import save_encoder
 from maect.config import ConfigError, RunConfig, diff_configs
 from maect.data.datasets import ImageDataset, SubsetDataset, build_dataset, normalization_stats
@@ -31,8 +31,9 @@ from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
 from maect.data.transforms import eval_transform
 from maect.evaluation.monitor import build_monitor
-from maect.faults import AtomicCheckpointIO, resume_checkpoint
+from maect.faults import AtomicCheckpointIO, DeviceMemoryError, resume_checkpoint
 from maect.methods import METHOD_CLASSES, PretrainMethod
+from maect.models.vit import set_grad_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ RESUMABLE_KEYS = (
     "trainer.checkpoint_every_steps",
     "trainer.skip_nonfinite",
     "trainer.compile",
+    "model.grad_checkpointing",
 )
 PREVIEW_IMAGES = 8
 # The CSV logger writes metrics.csv into the run directory, which is never empty.
@@ -185,7 +187,12 @@ def build_trainer(
         sync_batchnorm=on_gpu,
         use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[checkpoint, Throughput(), *callbacks],
+        callbacks=[
+            checkpoint,
+            Throughput(),
+            *callbacks,
+            *([ProgressBar()] if t.progress_bar else []),
+        ],
         logger=loggers,
         default_root_dir=run_dir,
         fast_dev_run=dev_run or False,
@@ -233,6 +240,8 @@ def fit_module(
     )
     loader.sampler.num_batches()  # ConfigError now if there is not one full batch
     trainer = build_trainer(cfg, run_dir, callbacks, dev_run)
+    if cfg.model.grad_checkpointing:
+        log.info("activation checkpointing in %d modules", set_grad_checkpointing(module.modules()))
     if cfg.trainer.compile:
         log.info("torch.compile: %d transformer blocks", compile_blocks(module))
     found = None if dev_run else resume_checkpoint(run_dir / "checkpoints", cfg.to_dict()["model"])
@@ -243,7 +252,12 @@ def fit_module(
         if "data_position" in ckpt:
             loader.sampler.resume(**ckpt["data_position"])
         keep_metrics(trainer.loggers[0], ckpt["global_step"])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    except torch.OutOfMemoryError as err:
+        raise DeviceMemoryError.from_oom(
+            cfg, resolve_precision(cfg.trainer.precision), err
+        ) from None
     return trainer
 
 

@@ -1,5 +1,11 @@
 """Shared training plumbing: optimizer, lr schedule, logging, per-step random seeds and the
-non-finite loss guard; methods add their losses."""
+non-finite loss guard; methods add their losses.
+
+The training step never reads a device value on the host: the guard decides on the device
+(:class:`maect.faults.NonFiniteGuard`), the loss terms are logged as device tensors (Lightning
+converts them when it writes the logs, every ``trainer.log_every_n_steps`` steps) and nothing the
+step logs is shown in the progress bar (:class:`maect.callbacks.ProgressBar` reads its values at
+logging steps only)."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from maect.data.datasets import normalization_stats
 from maect.data.device_augment import BatchAugment, CropsForDevice
 from maect.data.loader import derive_seed
 from maect.data.transforms import loader_views
-from maect.faults import NonFiniteLossError
+from maect.faults import NonFiniteGuard
 from maect.methods.schedule import decay_groups, warmup_cosine
 from maect.models.vit import MaskedViT, ViTArch
 
@@ -49,8 +55,10 @@ class PretrainMethod(LightningModule):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        self.skipped_nonfinite = 0
-        self._drop_update = False
+        self.guard = NonFiniteGuard(cfg.trainer.skip_nonfinite)
+        self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._skipped_before_epoch = 0
+        self._groups: list[dict] | None = None
         m, d = cfg.model, cfg.data
         self.batch_augment = (
             BatchAugment(self.view_specs(), m.img_size, *normalization_stats(d.name, m.in_chans))
@@ -99,9 +107,22 @@ class PretrainMethod(LightningModule):
             batch["image"] = self.batch_augment(batch["image"])
         return batch
 
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Optimizer steps skipped for a non-finite loss in this run (as of the last check)."""
+        return self.guard.skipped
+
+    def setup(self, stage: str) -> None:
+        """Form the optimizer groups before a strategy wraps the model: FSDP turns parameters
+        into flat shards, whose shapes no longer tell weights from biases and norms."""
+        if stage == "fit":
+            self._groups = self.param_groups()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store where the epoch's data order stands (images of the global order trained on;
-        the start of the next epoch after its last batch) and the skipped-step count."""
+        the start of the next epoch after its last batch) and the skipped-step count. A pending
+        non-finite loss stops the run here, before a checkpoint of it is written."""
+        self.guard.check(log)
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if done >= self.trainer.num_training_batches:
             position = {"epoch": self.current_epoch + 1, "images": 0}
@@ -109,33 +130,11 @@ class PretrainMethod(LightningModule):
             images = done * self.cfg.data.batch_size * self.trainer.world_size
             position = {"epoch": self.current_epoch, "images": images}
         checkpoint["data_position"] = position
-        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+        checkpoint["skipped_nonfinite"] = self.guard.skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the skipped-step count (the data position is read by the engine)."""
-        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
-
-    def nonfinite_step(self, losses: dict[str, torch.Tensor], batch_idx: int) -> bool:
-        """Whether this step's loss is NaN/inf on any rank (all ranks agree, so they skip or stop
-        together). Raises :class:`NonFiniteLossError` naming the step and the terms, unless
-        ``trainer.skip_nonfinite``: then the step is counted and True returned."""
-        local = not bool(torch.isfinite(losses["loss"].detach()).all())
-        if not self.trainer.strategy.reduce_boolean_decision(local, all=False):
-            return False
-        where = (
-            ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in losses.items())
-            if local
-            else "on another rank"
-        )
-        step = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if not self.cfg.trainer.skip_nonfinite:
-            raise NonFiniteLossError(
-                f"non-finite loss at {step}: {where}. Training stopped; checkpoints written "
-                "before this step are intact. trainer.skip_nonfinite=true skips such steps."
-            )
-        self.skipped_nonfinite += 1
-        log.warning("skipping %s: non-finite loss (%s)", step, where)
-        return True
+        self.guard.skipped = checkpoint.get("skipped_nonfinite", 0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Masks, noise and neighbour picks depend only on (seed, rank, epoch, batch): a resumed
@@ -143,36 +142,50 @@ class PretrainMethod(LightningModule):
         t = self.cfg.trainer
         torch.manual_seed(derive_seed(t.seed, self.global_rank, self.current_epoch, batch_idx))
         losses = self.compute_losses(batch)
-        if self.nonfinite_step(losses, batch_idx):
-            count = float(self.skipped_nonfinite)  # run total, logged once per epoch with skips
-            self.log(
-                "train/skipped_nonfinite", count, on_step=False, on_epoch=True, reduce_fx="max"
-            )
-            # Lightning forbids returning None under DDP: every rank runs the backward pass and
-            # on_before_optimizer_step drops the (non-finite) gradients instead
-            self._drop_update = True
-            return losses["loss"]
+        bad, means = self.guard.observe(losses, self.global_step, self.current_epoch, batch_idx)
         batch_size = len(batch["label"])
-        for name, value in losses.items():
-            self.log(
-                f"train/{name}",
-                value.detach(),
-                prog_bar=name == "loss",
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,  # mean over ranks (a no-op on one device)
+        for name, value in means.items():  # means over ranks; a skipped step counts as NaN here
+            self.log(f"train/{name}_step", value, batch_size=batch_size)
+            total, count = self._epoch_sums.setdefault(
+                name, (torch.zeros_like(value), torch.zeros_like(value))
             )
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+            total.add_(torch.where(bad, 0.0, value))  # epoch means leave non-finite steps out
+            count.add_(~bad)
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].float(), reduce_fx="sum", batch_size=1)
+        # Lightning forbids returning None under DDP: every rank runs the backward pass, and
+        # the guard's flag makes fused AdamW drop the update of a non-finite step
         return losses["loss"]
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if is_logging_step(self.trainer, batch_idx):
+            self.guard.check(log)
+
+    def on_train_epoch_start(self) -> None:
+        self._skipped_before_epoch = self.guard.skipped
+
+    def on_train_epoch_end(self) -> None:
+        """Check the guard; log each term's epoch mean (over ranks and the epoch's finite steps)
+        and, in epochs that skipped steps, the run's skipped-step count."""
+        self.guard.check(log)
+        for name, (total, count) in self._epoch_sums.items():
+            self.log(f"train/{name}_epoch", total / count, on_step=False, on_epoch=True)
+        self._epoch_sums.clear()
+        if self.guard.skipped > self._skipped_before_epoch:
+            count = float(self.guard.skipped)
+            self.log("train/skipped_nonfinite", count, on_step=False, on_epoch=True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the update of a step with a non-finite loss: without gradients, AdamW leaves the
-        parameters and their moments unchanged."""
-        if self._drop_update:
+        """Drop the update of a step with a non-finite loss: fused AdamW reads the guard's flag
+        as ``found_inf`` (no host synchronisation). Other optimizers, and fp16 with its gradient
+        scaler (which sets ``found_inf`` itself), read the flag on the host and lose their
+        gradients instead; without gradients AdamW leaves parameters and moments unchanged."""
+        self.guard.update_flag()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and takes_found_inf(optimizer):
+            optimizer.found_inf = self.guard.drop
+        elif bool(self.guard.drop):
             optimizer.zero_grad(set_to_none=True)
-            self._drop_update = False
 
     @property
     def global_batch_size(self) -> int:
@@ -190,7 +203,7 @@ class PretrainMethod(LightningModule):
 
     def configure_optimizers(self):
         optim = self.cfg.optim
-        groups = self.param_groups()
+        groups = self.param_groups() if self._groups is None else self._groups
         for group in groups:
             group["lr"] = self.peak_lr * group.get("lr_scale", 1.0)
         # Fused AdamW: 1.11x the per-tensor loop on CPU too (benchmarks/train_step.py --candidates)
@@ -203,3 +216,16 @@ class PretrainMethod(LightningModule):
         min_ratio = optim.min_lr / self.peak_lr
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor attribute (fused Adam/AdamW)."""
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    return isinstance(optimizer, torch.optim.Adam) and fused
+
+
+def is_logging_step(trainer: Any, batch_idx: int) -> bool:
+    """Whether the batch just trained ends an optimizer step whose metrics Lightning writes to
+    the loggers (every ``trainer.log_every_n_steps`` steps); for ``on_train_batch_end``."""
+    stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return stepped and trainer.global_step % trainer.log_every_n_steps == 0

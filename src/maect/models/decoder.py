@@ -5,7 +5,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from maect.models.pos_embed import sincos_2d
-from maect.models.vit import init_mae_weights
+from maect.models.vit import init_mae_weights, run_blocks
 
 
 class MAEDecoder(nn.Module):
@@ -52,6 +52,11 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(embed_dim, out_dim)
         self.apply(init_mae_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
 
     def forward(
         self,
@@ -85,5 +90,5 @@ class MAEDecoder(nn.Module):
                 bias = bias * visible.unsqueeze(-1).to(bias.dtype)
             patches = patches + bias
         x = torch.cat([x[:, :1, :] + self.pos_embed[:, :1, :], patches], dim=1)
-        x = self.norm(self.blocks(x))
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         return self.pred(x[:, 1:, :])

@@ -3,14 +3,19 @@
 The module *is* a ``timm.models.VisionTransformer`` (timm key names, fused attention), so its
 ``forward_features`` is timm's and its state dict loads into timm unchanged. The position embedding
 is the fixed 2-D sin-cos table of MAE, stored in ``pos_embed`` with a (zero) CLS slot.
+
+Activation checkpointing (timm's ``set_grad_checkpointing``, ``model.grad_checkpointing``) applies
+to every forward path: ``forward_features`` (timm's), ``forward_masked`` and the trained blocks of
+``forward_blocks`` (and so of ``forward_partially_frozen``); the MAE decoder has the same switch.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -90,7 +95,7 @@ class MaskedViT(VisionTransformer):
         masking = random_masking(tokens, mask_ratio, generator=generator)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, masking.visible], dim=1)
-        x = self.norm(self.blocks(self.norm_pre(x)))
+        x = self.norm(run_blocks(self.blocks, self.norm_pre(x), self.grad_checkpointing))
         return x, masking
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,7 +134,7 @@ class MaskedViT(VisionTransformer):
         start = 0
         for end in ends:
             with torch.set_grad_enabled(grad and start >= frozen_blocks):
-                x = self.blocks[start : end + 1](x)
+                x = run_blocks(self.blocks[start : end + 1], x, self.grad_checkpointing)
             if end in wanted:
                 outputs[end] = self.norm(x) if end == last else x
             start = end + 1
@@ -140,6 +145,23 @@ class MaskedViT(VisionTransformer):
         embedding run without autograd (no activations stored for them). Returns normed
         ``[B, 1 + N, D]``."""
         return self.forward_blocks(images, [self.arch.depth - 1], frozen_blocks)[0]
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """``blocks(x)``; with ``checkpointed`` (and autograd recording) each block keeps only its
+    input for the backward pass and runs its forward again there (activation checkpointing)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x, use_reentrant=False)
+    return blocks(x)
+
+
+def set_grad_checkpointing(modules: Iterable[nn.Module], enable: bool = True) -> int:
+    """Switch activation checkpointing of every module in ``modules`` (e.g. a method's
+    ``.modules()``) that has a ``set_grad_checkpointing``; returns how many were switched."""
+    switched = [m for m in modules if hasattr(m, "set_grad_checkpointing")]
+    for module in switched:
+        module.set_grad_checkpointing(enable)
+    return len(switched)
 
 
 def init_like_linear(weight: torch.Tensor) -> None:
