@@ -33,7 +33,8 @@ from maect.data.transforms import eval_transform
 from maect.evaluation.monitor import build_monitor
 from maect.faults import AtomicCheckpointIO, DeviceMemoryError, resume_checkpoint
 from maect.methods import METHOD_CLASSES, PretrainMethod
-from maect.models.vit import set_grad_checkpointing
+from maect.models.vit import MaskedViT, set_grad_checkpointing
+from maect.sharding import BlockFSDPStrategy, check_resume_strategy, is_fsdp, whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def build_trainer(
 
     The training loader shards itself over ranks (no Lightning DistributedSampler). BatchNorm is
     synchronised across GPUs; on CPU (gloo) it stays per rank, as torch's SyncBatchNorm needs GPUs.
+    ``trainer.strategy=fsdp`` is :class:`maect.sharding.BlockFSDPStrategy`.
     """
     t = cfg.trainer
     checkpoint = RunCheckpoint(
@@ -169,6 +171,7 @@ def build_trainer(
     on_gpu = t.accelerator in ("gpu", "cuda") or (
         t.accelerator == "auto" and torch.cuda.is_available()
     )
+    precision = resolve_precision(t.precision)
     loggers = [
         CSVLogger(run_dir, name="", version="", flush_logs_every_n_steps=1),
         TensorBoardLogger(run_dir, name="tb", version="", default_hp_metric=False),
@@ -178,8 +181,8 @@ def build_trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=resolve_precision(t.precision),
+        strategy=BlockFSDPStrategy(precision) if is_fsdp(t.strategy) else t.strategy,
+        precision=precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
@@ -248,6 +251,8 @@ def fit_module(
     resume = None
     if found is not None:
         resume, ckpt = found
+        saved = ckpt.get("hyper_parameters", {}).get("config", {}).get("trainer", {})
+        check_resume_strategy(saved.get("strategy"), cfg.trainer.strategy)
         log.warning("resuming %s from %s", run_dir, resume)
         if "data_position" in ckpt:
             loader.sampler.resume(**ckpt["data_position"])
@@ -259,6 +264,20 @@ def fit_module(
             cfg, resolve_precision(cfg.trainer.precision), err
         ) from None
     return trainer
+
+
+def exported_encoder(module: PretrainMethod) -> MaskedViT:
+    """``module.export_encoder()`` with whole weights: under FSDP a copy gathered from the shards
+    (a collective: every rank calls it; rank 0 receives the weights), else the encoder itself."""
+    encoder = module.export_encoder()
+    if not is_fsdp(module.cfg.trainer.strategy):
+        return encoder
+    prefix = next(name for name, m in module.named_modules() if m is encoder)
+    whole = MaskedViT(encoder.arch)
+    state = whole_state_dict(module, prefix, all_ranks=False)
+    if state:
+        whole.load_state_dict(state)
+    return whole
 
 
 def pretrain(
@@ -299,8 +318,13 @@ def pretrain(
     dataset.transform = module.train_transform()
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
     extra = [*([monitor] if monitor is not None else []), *(callbacks or [])]  # after the monitor
-    trainer = fit_module(cfg, module, dataset, run_dir, [recon, *extra], dev_run)
-    if trainer.is_global_zero and not dev_run:
-        save_encoder(module.export_encoder(), run_dir / "encoder.pt")
+    if is_fsdp(cfg.trainer.strategy):  # rank 0 alone cannot run a sharded model
+        log.warning("reconstruction grids disabled under FSDP")
+    else:
+        extra.insert(0, recon)
+    trainer = fit_module(cfg, module, dataset, run_dir, extra, dev_run)
+    encoder = exported_encoder(module) if not dev_run else None
+    if trainer.is_global_zero and encoder is not None:
+        save_encoder(encoder, run_dir / "encoder.pt")
     trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
     return run_dir

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from maect.checkpoints import CheckpointError, atomic_save, load_encoder, save_encoder
 from maect.config import TUNING_METHODS, ConfigError, MAECTConfig, RefinerConfig, RunConfig
-from maect.engine import fit_module, prepare_run_dir, training_dataset
+from maect.engine import exported_encoder, fit_module, prepare_run_dir, training_dataset
 from maect.evaluation.monitor import build_monitor
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
@@ -106,10 +106,10 @@ def tune(
             trainer = fit_module(
                 head.cfg, head, dataset, run_dir / "head", list(callbacks or []), dev_run
             )
+            head_state = head.head_state()  # every rank: under FSDP a gather
             if trainer.is_global_zero and not dev_run:
-                atomic_save(head.head_state(), head_file)
+                atomic_save(head_state, head_file)
             trainer.strategy.barrier("head.pt")  # a resumed stage 3 on any rank reads it
-            head_state = head.head_state()
         else:
             head_state = torch.load(head_file, map_location="cpu", weights_only=True)
 
@@ -118,7 +118,8 @@ def tune(
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
     stage3_callbacks = [*([monitor] if monitor is not None else []), *(callbacks or [])]
     trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run)
-    if trainer.is_global_zero and not dev_run:
-        save_encoder(tuning.export_encoder(), run_dir / "encoder.pt")
+    encoder = exported_encoder(tuning) if not dev_run else None
+    if trainer.is_global_zero and encoder is not None:
+        save_encoder(encoder, run_dir / "encoder.pt")
     trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
     return run_dir

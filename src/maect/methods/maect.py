@@ -27,6 +27,7 @@ from maect.models.heads import NNCLRPredictor, NNCLRProjector
 from maect.models.nn_queue import NNQueue
 from maect.models.pooling import pool_tokens
 from maect.models.vit import MaskedViT
+from maect.sharding import whole_root_params, whole_state_dict
 
 HEAD_KEYS = ("projector", "predictor", "queue")
 # The bias of the predictor's last Linear, which heads written before maect matched the official
@@ -173,8 +174,9 @@ class NNCLRHeadTraining(NNCLRMethod):
         return F.normalize(projection.detach().float(), dim=-1)
 
     def head_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Projector, predictor and queue, handed to stage 3."""
-        return {key: getattr(self, key).state_dict() for key in HEAD_KEYS}
+        """Projector, predictor and queue with whole weights, handed to stage 3 (under FSDP
+        gathered from the shards: every rank calls this)."""
+        return {key: whole_state_dict(self, key) for key in HEAD_KEYS}
 
 
 class ContrastiveTuning(NNCLRMethod):
@@ -231,9 +233,10 @@ class ContrastiveTuning(NNCLRMethod):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        ema_update(self.target_projector, self.projector, self.cfg.maect.target_ema)
-        if self.ema_encoder is not None:
-            ema_update(self.ema_encoder, self.encoder, self.cfg.maect.encoder_ema)
+        with whole_root_params(self):  # FSDP: EMA and online parameters shaped alike
+            ema_update(self.target_projector, self.projector, self.cfg.maect.target_ema)
+            if self.ema_encoder is not None:
+                ema_update(self.ema_encoder, self.encoder, self.cfg.maect.encoder_ema)
 
     def export_encoder(self) -> MaskedViT:
         return self.ema_encoder if self.ema_encoder is not None else self.encoder
