@@ -23,18 +23,27 @@ Cases and their peers (ratio = our images/s over the peer's):
   ``can``; ``maect_head`` is MAE-CT stage 2 (NNCLR head on the frozen encoder).
 - ``refiner`` is MIM-Refiner stage 3 (``refiner/<model>``: every head, 2 global + the local
   views, the whole encoder trained), ``refiner_head`` its stage 2; no peer. ``--model vit_h14``
-  has MAE, MAE-CT and refiner recipes only.
+  and ``vit_2b`` have no CAN recipe: CAN and SimCLR run the ViT-L/16 recipe's objective there.
 
 Peak memory: on CUDA ``max_memory_allocated`` during one step, less what other cases hold; on CPU
-(no allocator statistics) parameters, gradients and AdamW state plus the tensors saved for backward.
+(no allocator statistics) the most bytes of tensor storage alive at once during the step,
+tracked op by op (:class:`LiveBytes`): parameters, gradients, AdamW state, saved activations and
+temporaries, as the CUDA figure counts them.
 FLOPs: ``FlopCounterMode`` over one forward + backward (matrix products and attention). On CUDA,
 MFU = model FLOPs/s over the measured dense bf16 matmul rate of the device.
 
-``--candidates`` measures single optimisations one against the other (fused AdamW, SDPA,
-bf16 autocast, views in one batch, frozen blocks without autograd, ``--compile``: every
-transformer block under torch.compile, as the recipe switch ``trainer.compile=true`` does);
-``--scale`` sweeps batch, image size and width for MAE and fits lines (``docs/performance.md``).
-``--append`` adds the rows to ``docs/benchmarks.md``. The last line is a summary::
+``--candidates [NAMES]`` measures single optimisations one against the other (all, or those of
+:data:`CANDIDATES` named: fused AdamW, SDPA, bf16 autocast, the sync-free step against one that
+reads the guard and the loss on the host every step, activation checkpointing, views in one
+batch, frozen blocks without autograd, ``compile``: every transformer block under torch.compile as
+``trainer.compile=true`` does, ``cudagraphs``: the same with ``mode="reduce-overhead"``, CUDA only);
+``--scale`` sweeps batch, image size and width for MAE and fits lines; ``--memory`` measures peak
+memory at ``--batch`` and twice that, with and without activation checkpointing, and fits the
+memory per image (``docs/performance.md``); ``--set model.grad_checkpointing=true`` turns
+checkpointing on in every case. A named ``--candidates`` list runs without the peer comparison;
+``--candidates`` alone runs both, as before. Every group of cases is printed, and with
+``--append`` added to ``docs/benchmarks.md``, as soon as it is measured, so a run stopped at a
+time limit keeps what it measured. The last line is a summary::
 
     summary mae_vs_peer=<images/s ratio> maect_vs_mae_step=<step time ratio> \
 can_vs_simclr_flops=<FLOPs ratio>
@@ -46,16 +55,20 @@ Usage::
     python benchmarks/train_step.py --model vit_l16 --batch 2 --flops-only
     python benchmarks/train_step.py --model vit_t_fmnist --batch 64 --scale
     python benchmarks/train_step.py --model vit_l16 --batch 1 --cases refiner --rounds 1
+    python benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae --candidates sync
+    python benchmarks/train_step.py --model vit_h14 --batch 2 --cases mae,maect --memory
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
@@ -83,6 +96,8 @@ from PIL import Image
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from maect.config import RunConfig, available_recipes, load_config
 from maect.data.datasets import (
@@ -92,13 +107,14 @@ from maect.data.datasets import (
     make_synthetic,
 )
 from maect.engine import compile_blocks
+from maect.faults import NonFiniteGuard
 from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.can import CANOutput
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.methods.schedule import decay_groups
-from maect.models.vit import build_encoder
+from maect.models.vit import build_encoder, set_grad_checkpointing
 
 CASES = (
     "mae",
@@ -118,6 +134,28 @@ DEFAULT_CASES = "mae,lightly,maect,maect_eager,can,can_eager,simclr"
 PEERS = {"mae": "lightly", "maect": "maect_eager", "can": "can_eager"}
 SECTION = "### Training step: maect vs peers (`benchmarks/train_step.py`)"
 SCALE_SECTION = "### Training-step scaling of MAE (`benchmarks/train_step.py --scale`)"
+MEMORY_SECTION = "### Training-step memory (`benchmarks/train_step.py --memory`)"
+CANDIDATES = (
+    "adamw",
+    "sdpa",
+    "precision",
+    "sync",
+    "checkpointing",
+    "compile",
+    "cudagraphs",
+    "views",
+    "frozen",
+)
+# --model beyond MODELS: (recipe suffix, SimCLR recipe, model overrides). ViT-2B/14 is the
+# 2560-wide, 24-block, 32-head ViT of MAE pre-pretraining (Singh et al. 2023; MIM-Refiner's 2B).
+LARGE_MODELS = {
+    "vit_2b": (
+        "in1k_vit_h14",
+        "simclr/in1k_vit_b16",
+        ["model.embed_dim=2560", "model.depth=24", "model.num_heads=32"],
+    ),
+}
+PRESETS = {name: (suffix, simclr, []) for name, (suffix, simclr) in MODELS.items()} | LARGE_MODELS
 HEADER = (
     "| date | commit | machine | load | torch | model | batch | precision | case | images/s "
     "| ms/step | GFLOPs/step | peak MiB | vs | ratio | MFU | args |\n"
@@ -221,14 +259,17 @@ def concat_outputs(parts: list[Any]) -> Any:
 def method_configs(model: str, batch: int, overrides: list[str]) -> dict[str, RunConfig]:
     """MAE, MAE-CT, CAN, SimCLR and MIM-Refiner configurations of ``model`` with ``overrides``
     (those with a recipe); the queues are rounded down to a multiple of ``batch`` (they must
-    divide by the batch)."""
-    suffix, simclr_recipe = MODELS[model]
+    divide by the batch). Models without a CAN recipe take the ViT-L/16 one's objective."""
+    suffix, simclr_recipe, model_overrides = PRESETS[model]
+    overrides = [*model_overrides, *overrides]
     mae = load_config(f"mae/{suffix}", overrides)
     same_model = [f"model.{k}={v}" for k, v in dataclasses.asdict(mae.model).items()]
     configs = {"mae": mae, "simclr": load_config(simclr_recipe, overrides + same_model)}
     for method in ("maect", "can", "refiner"):
         recipe = f"{method}/{suffix}"
         if recipe not in available_recipes():
+            if method == "can":
+                configs["can"] = load_config("can/in1k_vit_l16", overrides + same_model)
             continue
         extra = []
         if method != "can":
@@ -289,7 +330,7 @@ def synthetic_batch(cfg: RunConfig, views: int, batch: int, device: torch.device
 
 @dataclasses.dataclass
 class Bench:
-    """A case ready to run: its module, batch, optimizer and step function."""
+    """A case ready to run: its module, batch, optimizer, step function and FLOPs per step."""
 
     name: str
     model: str
@@ -297,6 +338,7 @@ class Bench:
     batch: dict
     optimizer: torch.optim.Optimizer
     step: Callable[[], None]
+    flops: int
 
 
 def make_bench(
@@ -306,32 +348,54 @@ def make_bench(
     device: torch.device,
     bf16: bool,
     adamw: str,
-    compiled: bool = False,
+    compiled: str | None = None,
     sdpa: bool = True,
     module: nn.Module | None = None,
     label: str | None = None,
+    guard: str = "none",
+    checkpointing: bool = False,
+    count_flops: bool = True,
 ) -> Bench:
     """Case ``name`` (or ``module``, built for it) as a training step under ``label``, with AdamW
     ``adamw`` (``fused``, ``foreach``, ``loop`` or PyTorch's ``default``), optionally with every
-    transformer block compiled as ``trainer.compile=true`` does, or timm attention without SDPA."""
+    transformer block compiled as ``trainer.compile=true`` does (``compiled``: the compile mode,
+    ``"default"`` or ``"reduce-overhead"``), timm attention without SDPA, activation
+    checkpointing, or the non-finite guard of a training run: ``device`` as the training step
+    runs it (decided on the device, fused AdamW's ``found_inf``), ``host`` as it ran before
+    (the flag and the loss read on the host every step, as the progress bar did)."""
     cfg = configs["mae" if name == "lightly" else name.split("_")[0]]
     module = (module or build_case(name, configs)).to(device).train()
     if not sdpa:
         for attention in module.modules():
             if isinstance(attention, Attention):
                 attention.fused_attn = False
+    set_grad_checkpointing(module.modules(), checkpointing or cfg.model.grad_checkpointing)
     batch = synthetic_batch(cfg, views_of(name), batch_size, device)
     groups = [{**g, "lr": LR * g.get("lr_scale", 1.0)} for g in module.param_groups()]
     flags = {} if adamw == "default" else {"fused": adamw == "fused", "foreach": adamw == "foreach"}
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), **flags)
+    # before compiling: counting the FLOPs of a compiled module compiles it again
+    flops = training_flops(module, batch) if count_flops else 0
     if compiled:
-        compile_blocks(module)
+        compile_blocks(module, mode=compiled)
+    nonfinite = NonFiniteGuard(skip=True)
 
     def closure() -> torch.Tensor:
         module.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = module.compute_losses(batch)["loss"]
+            losses = module.compute_losses(batch)
+        loss = losses["loss"]
+        if guard == "device":
+            nonfinite.observe(losses, 0, 0, 0)
+        elif guard == "host":
+            finite = bool(torch.isfinite(loss.detach()).all())
+            loss.item()  # what the progress bar read every step
         loss.backward()
+        if guard == "device":
+            nonfinite.update_flag()
+            optimizer.found_inf = nonfinite.drop
+        elif guard == "host" and not finite:
+            optimizer.zero_grad(set_to_none=True)
         return loss
 
     def step() -> None:
@@ -340,7 +404,7 @@ def make_bench(
         else:
             optimizer.step(closure)
 
-    return Bench(label or name, model_label(cfg), module, batch, optimizer, step)
+    return Bench(label or name, model_label(cfg), module, batch, optimizer, step, flops)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -373,18 +437,45 @@ def peak_bytes(bench: Bench, device: torch.device) -> int:
         bench.step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - others
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in persistent:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with LiveBytes([*_persistent(bench), *_grads(bench)]) as tracker:
         bench.step()
-    grads = _storage_bytes(_grads(bench))
-    return sum(persistent.values()) + sum(grads.values()) + sum(saved.values())
+    return tracker.peak
+
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while active (for CPU, which keeps no
+    allocator statistics): the storages of ``existing`` tensors from the start, and every storage
+    an operation creates (forward, backward, recomputation, optimizer) until it is freed.
+
+    Storages are told apart by data pointer; a freed one is noticed through a finaliser on its
+    Python object, which torch keeps alive as long as the storage."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+        for tensor in existing:
+            self._track(tensor)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                self._track(value)
+        return out
 
 
 def matmul_peak_flops(device: torch.device, size: int = 8192, repeats: int = 20) -> float:
@@ -417,7 +508,6 @@ def measure(
     benches: list[Bench], device: torch.device, args: argparse.Namespace, timed: bool = True
 ) -> dict[str, Result]:
     """FLOPs, and unless ``timed`` is False peak memory and median step time (interleaved)."""
-    flops = {b.name: training_flops(b.module, b.batch) for b in benches}
     steps = {b.name: b.step for b in benches}
     times = step_times(steps, args.rounds, args.warmup, device, args.inner) if timed else {}
     return {
@@ -426,7 +516,7 @@ def measure(
             b.model,
             len(b.batch["label"]),
             statistics.median(times[b.name]) if timed else math.nan,
-            flops[b.name],
+            b.flops,
             peak_bytes(b, device) if timed else 0,
         )
         for b in benches
@@ -520,6 +610,23 @@ def log_rows(results: list[Result], peak_rate: float | None, args: argparse.Name
     return rows
 
 
+@dataclasses.dataclass
+class Reporter:
+    """Prints each measured group at once and, with ``--append``, adds its rows to
+    ``docs/benchmarks.md``: a run stopped at a time limit keeps every group it finished."""
+
+    args: argparse.Namespace
+    section: str
+    peak_rate: float | None
+
+    def __call__(self, results: list[Result]) -> None:
+        print_table(results, self.peak_rate)
+        if self.args.append:
+            append_rows(self.section, HEADER, log_rows(results, self.peak_rate, self.args))
+            print("appended to docs/benchmarks.md")
+        print(flush=True)
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares slope and intercept of ``y = slope * x + intercept``."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -533,9 +640,9 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def run_cases(
-    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
-) -> tuple[list[Result], float | None, str]:
-    """Every selected case against its peer; returns results, matmul rate and summary line."""
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str, report: Reporter
+) -> str:
+    """Every selected case against its peer (reported as one group); returns the summary."""
     configs = method_configs(args.model, args.batch, args.set)
     names = [n for n in CASES if n in args.cases.split(",")]
     peers = set(PEERS.values())
@@ -555,23 +662,21 @@ def run_cases(
         for ours, peer in PEERS.items():
             if ours in results and peer in results:
                 compare(results, ours, peer)
+    report(list(results.values()))
+    if args.data and not args.flops_only:
+        report(data_results(configs, results))
 
     def value(fn: Callable[[], float], *needed: str) -> str:
         ok = all(n in results for n in needed) and not math.isnan(fn())
         return f"{fn():.3f}" if ok else "n/a"
 
-    summary = (
+    return (
         f"summary mae_vs_peer={value(lambda: results['mae'].ratio, 'mae', 'lightly')} "
         "maect_vs_mae_step="
         f"{value(lambda: results['maect'].seconds / results['mae'].seconds, 'maect', 'mae')} "
         "can_vs_simclr_flops="
         f"{value(lambda: results['can'].flops / results['simclr'].flops, 'can', 'simclr')}"
     )
-    out = list(results.values())
-    if args.data and not args.flops_only:
-        out += data_results(configs, results)
-    timed = device.type == "cuda" and not args.flops_only
-    return out, matmul_peak_flops(device) if timed else None, summary
 
 
 def data_results(configs: dict[str, RunConfig], results: dict[str, Result]) -> list[Result]:
@@ -592,12 +697,26 @@ def data_results(configs: dict[str, RunConfig], results: dict[str, Result]) -> l
     return out
 
 
+def selected_candidates(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The ``--candidates`` names: a comma list, or ``all`` (compile and CUDA graphs only with
+    ``--compile``; CUDA graphs only on CUDA)."""
+    if args.candidates == "all":
+        names = [c for c in CANDIDATES if args.compile or c not in ("compile", "cudagraphs")]
+    else:
+        names = args.candidates.split(",")
+        unknown = sorted(set(names) - set(CANDIDATES))
+        if unknown:
+            raise SystemExit(f"unknown --candidates {unknown}; choose from {', '.join(CANDIDATES)}")
+    return [n for n in names if n != "cudagraphs" or device.type == "cuda"]
+
+
 def run_candidates(
-    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
-) -> list[Result]:
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str, report: Reporter
+) -> None:
     """Single optimisations of ``mae`` and ``maect`` (those in ``--cases``), each timed against
-    the alternative in its own interleaved group; ``ratio`` is the candidate's speed-up over the
-    baseline it names."""
+    the alternative in its own interleaved group and reported as soon as it is measured;
+    ``ratio`` is the candidate's speed-up over the baseline it names. A group that fails (e.g.
+    a compile error) is reported as such and the others still run."""
     configs = method_configs(args.model, args.batch, args.set)
     cfg = configs["maect"]
     half = cfg.model.depth // 2
@@ -623,65 +742,79 @@ def run_candidates(
         benches = [bench(f"mae AdamW {adamw}"), *(bench(f"mae AdamW {a}", adamw=a) for a in others)]
         return benches, [(b.name, benches[0].name) for b in benches[1:]]
 
-    mae_groups = [
-        adamw_group,
-        pair(lambda: bench("mae SDPA"), lambda: bench("mae no SDPA", sdpa=False)),
-        pair(
+    def sync_group() -> tuple[list[Bench], list[tuple[str, str]]]:
+        benches = [
+            bench("mae guard on device (sync-free)", guard="device"),
+            bench("mae guard and loss read on host", guard="host"),
+            bench("mae without guard", guard="none"),
+        ]
+        names = [b.name for b in benches]
+        return benches, [(names[0], names[1]), (names[2], names[0])]
+
+    groups: dict[tuple[str, str], Group] = {
+        ("adamw", "mae"): adamw_group,
+        ("sdpa", "mae"): pair(lambda: bench("mae SDPA"), lambda: bench("mae no SDPA", sdpa=False)),
+        ("precision", "mae"): pair(
             lambda: bench(f"mae {precision}", bf16=not bf16),
             lambda: bench(f"mae {args.precision}"),
         ),
-    ]
-    if args.compile:
-        mae_groups.append(
-            pair(lambda: bench("mae compiled blocks", compiled=True), lambda: bench("mae eager"))
+        ("sync", "mae"): sync_group,
+        ("compile", "mae"): pair(
+            lambda: bench("mae compiled blocks", compiled="default"), lambda: bench("mae eager")
+        ),
+        ("cudagraphs", "mae"): pair(
+            lambda: bench("mae compiled blocks, CUDA graphs", compiled="reduce-overhead"),
+            lambda: bench("mae eager"),
+        ),
+    }
+    for name in ("mae", "maect"):
+        groups[("checkpointing", name)] = pair(
+            lambda name=name: bench(f"{name} activation checkpointing", name, checkpointing=True),
+            lambda name=name: bench(f"{name} no checkpointing", name),
         )
-    maect_groups = [
-        pair(
-            lambda: bench("maect views in one batch", "maect"),
-            lambda: bench(
-                "maect views in two passes",
-                "maect",
-                module=EagerContrastiveTuning(cfg, two_pass=True, grad_through_frozen=False),
+    groups[("views", "maect")] = pair(
+        lambda: bench("maect views in one batch", "maect"),
+        lambda: bench(
+            "maect views in two passes",
+            "maect",
+            module=EagerContrastiveTuning(cfg, two_pass=True, grad_through_frozen=False),
+        ),
+    )
+    groups[("frozen", "maect")] = pair(
+        lambda: bench(f"maect {half} frozen blocks, no autograd", "maect", frozen_half),
+        lambda: bench(
+            f"maect {half} frozen blocks, autograd",
+            "maect",
+            frozen_half,
+            module=EagerContrastiveTuning(
+                frozen_half["maect"], two_pass=False, grad_through_frozen=True
             ),
         ),
-        pair(
-            lambda: bench(f"maect {half} frozen blocks, no autograd", "maect", frozen_half),
-            lambda: bench(
-                f"maect {half} frozen blocks, autograd",
-                "maect",
-                frozen_half,
-                module=EagerContrastiveTuning(
-                    frozen_half["maect"], two_pass=False, grad_through_frozen=True
-                ),
-            ),
-        ),
-    ]
-    if args.compile:
-        maect_groups.append(
-            pair(
-                lambda: bench("maect compiled blocks", "maect", compiled=True),
-                lambda: bench("maect eager", "maect"),
-            )
-        )
+    )
     cases = args.cases.split(",")
-    groups = (mae_groups if "mae" in cases else []) + (maect_groups if "maect" in cases else [])
-    out = []
-    for build in groups:
-        benches, pairs = build()
-        results = measure(benches, device, args)
-        for candidate, baseline in pairs:
-            compare(results, candidate, baseline)
-        out += results.values()
-        del benches
-    return out
+    for candidate in selected_candidates(args, device):
+        for (group, case), build in groups.items():
+            if group != candidate or case not in cases:
+                continue
+            try:
+                benches, pairs = build()
+                results = measure(benches, device, args)
+            except Exception as err:  # one failing candidate must not cost the others
+                print(f"candidate {group} ({case}) failed: {type(err).__name__}: {err}", flush=True)
+                continue
+            for faster, baseline in pairs:
+                compare(results, faster, baseline)
+            report(list(results.values()))
+            del benches, results
 
 
 def run_scale(
-    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str
-) -> list[Result]:
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str, report: Reporter
+) -> None:
     """MAE step time and memory along three axes from the ``--model`` configuration: batch
     (x1/2, x1, x2), image size (x1, x2, x3: tokens x1, x4, x9) and width (x1, x2, x3, head width
-    kept). Prints a least-squares line per axis, and of step time over step FLOPs."""
+    kept), each axis an interleaved group reported when measured. Prints a least-squares line
+    per axis, and at the end of step time over step FLOPs."""
     base = method_configs(args.model, args.batch, args.set)["mae"]
     m = base.model
     axes = {
@@ -699,42 +832,104 @@ def run_scale(
             for f in (1, 2, 3)
         ],
     }
-    benches: dict[tuple, Bench] = {}
-    xs: dict[tuple, dict[str, float]] = {}
-    for grid in axes.values():
+    overrides = [*PRESETS[args.model][2], *args.set]
+    every: list[Result] = []
+    for axis, grid in axes.items():
+        benches, values = [], []
         for label, batch, extra in grid:
-            key = (batch, *extra)
-            if key not in benches:
-                cfg = load_config(base.recipe, [*args.set, *extra])
-                bench = make_bench("mae", {"mae": cfg}, batch, device, bf16, adamw)
-                bench.name = f"mae scale {label}"
-                benches[key] = bench
-                xs[key] = {
+            cfg = load_config(base.recipe, [*overrides, *extra])
+            bench = make_bench("mae", {"mae": cfg}, batch, device, bf16, adamw)
+            bench.name = f"mae scale {label}"
+            benches.append(bench)
+            values.append(
+                {
                     "batch": batch,
                     "tokens": cfg.model.img_size**2 // cfg.model.patch_size**2,
                     "params_M": sum(p.numel() for p in bench.module.parameters()) / 1e6,
-                }
-    measured = measure(list(benches.values()), device, args)  # all points interleaved
-    print("least-squares lines (ms/step and peak MiB over the axis):")
-    for axis, grid in axes.items():
-        keys = [(batch, *extra) for _, batch, extra in grid]
-        points = [(xs[key][axis], measured[benches[key].name]) for key in keys]
-        values = [v for v, _ in points]
-        ms = linear_fit(values, [1000 * r.seconds for _, r in points])
-        mib = linear_fit(values, [r.peak / 2**20 for _, r in points])
+                }[axis]
+            )
+        measured = list(measure(benches, device, args).values())
+        del benches
+        report(measured)
+        every += measured
+        ms = linear_fit(values, [1000 * r.seconds for r in measured])
+        mib = linear_fit(values, [r.peak / 2**20 for r in measured])
         print(
-            f"  {axis:<8} ms = {ms[0]:.4g} x + {ms[1]:.4g};  MiB = {mib[0]:.4g} x + {mib[1]:.4g}"
-            f"  (x = {', '.join(f'{v:g}' for v in values)})"
+            f"least squares {axis}: ms = {ms[0]:.4g} x + {ms[1]:.4g};  MiB = {mib[0]:.4g} x + "
+            f"{mib[1]:.4g}  (x = {', '.join(f'{v:g}' for v in values)})",
+            flush=True,
         )
-    results = list(measured.values())
-    slope, icpt = linear_fit([r.flops / 1e9 for r in results], [1000 * r.seconds for r in results])
-    print(f"  all      ms = {slope:.4g} GFLOP + {icpt:.4g}  (marginal {1000 / slope:.1f} GFLOP/s)")
-    return results
+    slope, icpt = linear_fit([r.flops / 1e9 for r in every], [1000 * r.seconds for r in every])
+    print(
+        f"least squares all: ms = {slope:.4g} GFLOP + {icpt:.4g}  "
+        f"(marginal {1000 / slope:.1f} GFLOP/s)"
+    )
+
+
+def stored_bytes(bench: Bench, device: torch.device, bf16: bool) -> int:
+    """Bytes the forward pass of one step leaves alive for the backward pass (activations saved
+    by autograd, or with checkpointing the block inputs it keeps), at the batch of ``bench``."""
+    bench.module.zero_grad(set_to_none=True)
+    synchronize(device)
+    tracker = LiveBytes([]) if device.type == "cpu" else contextlib.nullcontext()
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    with tracker, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        loss = bench.module.compute_losses(bench.batch)["loss"]
+    synchronize(device)
+    stored = (
+        tracker.current if device.type == "cpu" else torch.cuda.memory_allocated(device) - before
+    )
+    loss.backward()
+    bench.module.zero_grad(set_to_none=True)
+    return stored
+
+
+def run_memory(
+    args: argparse.Namespace, device: torch.device, bf16: bool, adamw: str, report: Reporter
+) -> None:
+    """Memory of each case in ``--cases`` at ``--batch`` and twice that, without and with
+    activation checkpointing (after a warm-up step, so AdamW's state exists): what the forward
+    pass stores for the backward pass, fitted per image, and the peak of a whole step. Prints the
+    persistent part (parameters, AdamW state, buffers) and reports each case when measured."""
+    configs = method_configs(args.model, args.batch, args.set)
+    names = [n for n in CASES if n in args.cases.split(",") and n not in PEERS.values()]
+    for name in names:
+        rows = []
+        for checkpointing in (False, True):
+            label = f"{name}{', activation checkpointing' if checkpointing else ''}"
+            points, stored = [], []
+            for batch in (args.batch, 2 * args.batch):
+                bench = make_bench(
+                    name, configs, batch, device, bf16, adamw, count_flops=False,
+                    checkpointing=checkpointing, label=label,
+                )  # fmt: skip
+                bench.step()
+                persistent = sum(_storage_bytes(_persistent(bench)).values())
+                stored.append(stored_bytes(bench, device, bf16) / 2**20)
+                points.append(
+                    Result(label, bench.model, batch, math.nan, 0, peak_bytes(bench, device))
+                )
+                del bench
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            per_image, _ = linear_fit([r.batch for r in points], stored)
+            for r in points:
+                r.name = f"{label} (stored {per_image:.1f} MiB/image)"
+            print(
+                f"memory {label}: stored for backward {per_image:.2f} MiB per image "
+                f"({', '.join(f'{v:.0f}' for v in stored)} MiB at batch "
+                f"{', '.join(str(r.batch) for r in points)}); step peak "
+                f"{', '.join(f'{r.peak / 2**20:.0f}' for r in points)} MiB; persistent "
+                f"(parameters, AdamW state, buffers) {persistent / 2**20:.0f} MiB",
+                flush=True,
+            )
+            rows += points
+        report(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="vit_t_fmnist")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="vit_t_fmnist")
     parser.add_argument("--batch", type=int, default=64, help="images (not views) per step")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, all methods"
@@ -747,9 +942,16 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=0, help="steps per round (0: 10 CUDA, 1 CPU)")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs, skip timing")
     parser.add_argument("--data", action="store_true", help="also time one data worker")
-    parser.add_argument("--candidates", action="store_true", help="time single optimisations")
-    parser.add_argument("--compile", action="store_true", help="candidates: torch.compile too")
+    parser.add_argument(
+        "--candidates",
+        nargs="?",
+        const="all",
+        metavar="NAMES",
+        help=f"time single optimisations: all, or some of {','.join(CANDIDATES)}",
+    )
+    parser.add_argument("--compile", action="store_true", help="--candidates all: compile too")
     parser.add_argument("--scale", action="store_true", help="MAE scaling sweep instead")
+    parser.add_argument("--memory", action="store_true", help="memory per image instead")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--append", action="store_true", help="add rows to docs/benchmarks.md")
     args = parser.parse_args()
@@ -763,25 +965,24 @@ def main() -> None:
     bf16 = args.precision == "bf16"
     adamw = "fused" if device.type in ("cuda", "cpu") else "loop"  # as configure_optimizers
     print(f"{args.command}\n{device_name(device)}, load average {load_average():.1f} at start")
+    timed = device.type == "cuda" and not (args.flops_only or args.memory)
+    peak_rate = matmul_peak_flops(device) if timed else None
+    if peak_rate:
+        print(f"measured bf16 matmul rate {peak_rate / 1e12:.0f} TFLOP/s (the MFU denominator)")
+    section = SCALE_SECTION if args.scale else MEMORY_SECTION if args.memory else SECTION
+    report = Reporter(args, section, peak_rate)
 
     summary = None
     if args.scale:
-        results = run_scale(args, device, bf16, adamw)
-        peak_rate = matmul_peak_flops(device) if device.type == "cuda" else None
+        run_scale(args, device, bf16, adamw, report)
+    elif args.memory:
+        run_memory(args, device, bf16, adamw, report)
     else:
-        results, peak_rate, summary = run_cases(args, device, bf16, adamw)
-        if args.candidates:
-            results += run_candidates(args, device, bf16, adamw)
-    print(
-        f"load average {load_average():.1f} at end"
-        + (f"; measured bf16 matmul rate {peak_rate / 1e12:.0f} TFLOP/s" if peak_rate else "")
-    )
-    print_table(results, peak_rate)
-    if args.append:
-        append_rows(
-            SCALE_SECTION if args.scale else SECTION, HEADER, log_rows(results, peak_rate, args)
-        )
-        print("appended to docs/benchmarks.md")
+        if args.candidates in (None, "all"):  # named candidates run alone
+            summary = run_cases(args, device, bf16, adamw, report)
+        if args.candidates is not None:
+            run_candidates(args, device, bf16, adamw, report)
+    print(f"load average {load_average():.1f} at end")
     if summary:
         print(summary)
 

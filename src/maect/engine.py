@@ -215,15 +215,16 @@ def keep_metrics(logger: CSVLogger, before_step: int) -> None:
     logger.experiment.metrics[:0] = rows  # creating the writer deleted the file
 
 
-def compile_blocks(module: torch.nn.Module) -> int:
-    """``torch.compile`` every timm transformer block of ``module`` in place; returns how many.
+def compile_blocks(module: torch.nn.Module, mode: str | None = None) -> int:
+    """``torch.compile`` every timm transformer block of ``module`` in place (``mode`` as
+    torch.compile takes it, e.g. ``"reduce-overhead"`` for CUDA graphs); returns how many.
 
     Blocks are the repeated unit, so compiling them (not the whole method) keeps the compile short
     and the methods' custom entry points (``forward_masked``, partially frozen passes) eager.
     """
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
     return len(blocks)
 
 
