@@ -17,12 +17,24 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# a short synthetic run (20 steps of 64 images) for the FSDP step
+FSDP_RUN="data.name=synthetic data.synthetic_size=1280 data.batch_size=64 data.num_workers=8 trainer.epochs=1 trainer.strategy=fsdp trainer.devices=1 trainer.monitor_every=0 trainer.log_every_n_steps=5 trainer.progress_bar=false"
 
 # name | time limit (s) | command
 STEPS=(
   "env|30|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv && $PY -c 'import torch, timm, lightning; print(torch.__version__, torch.version.cuda, timm.__version__, lightning.__version__)'"
-  "candidates_l16|170|$PY benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae,lightly,maect --candidates --compile --rounds 5 --append"
-  "batch256_l16|70|$PY benchmarks/train_step.py --model vit_l16 --batch 256 --cases mae,lightly --rounds 5 --append"
+  # the sync-free step against one that reads the guard and the loss on the host every step
+  "sync_l16|60|$PY benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae --candidates sync --rounds 3 --append && $PY benchmarks/train_step.py --model vit_l16 --batch 256 --cases mae --candidates sync --rounds 3 --inner 5 --append"
+  # synchronising CUDA calls inside / outside real Lightning steps of every method, and img/s
+  # with the logger reading every step vs every 10000 steps
+  "sync_debug|60|$PY benchmarks/sync_check.py --steps 12 --batch 256 --append"
+  # FSDP on one GPU: MAE pretraining and MAE-CT tuning from it; encoder.pt loads everywhere
+  "fsdp|60|$PY -m maect pretrain recipe=mae/in1k_vit_b16 out=$OUT/fsdp_mae $FSDP_RUN && $PY -m maect tune recipe=maect/in1k_vit_b16 init=$OUT/fsdp_mae out=$OUT/fsdp_maect maect.head_epochs=1 $FSDP_RUN && $PY -c \"from maect.checkpoints import load_encoder as l; [print(r, 'encoder.pt loads:', sum(p.numel() for p in l('$OUT/'+r).parameters()), 'parameters') for r in ('fsdp_mae', 'fsdp_maect')]\" && tail -n 3 $OUT/fsdp_mae/metrics.csv"
+  # activation memory at ViT-H/14, bf16, with and without checkpointing
+  "memory_h14|60|$PY benchmarks/train_step.py --model vit_h14 --batch 32 --cases mae --memory --append"
+  # trainer.compile=true and CUDA graphs (compile mode reduce-overhead) against eager MAE
+  "compile_l16|90|$PY benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae --candidates compile,cudagraphs --rounds 3 --warmup 3 --append"
+  "candidates_l16|90|$PY benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae,maect --candidates adamw,sdpa,precision,checkpointing,views,frozen --rounds 3 --append"
   "knn_bank|90|$PY benchmarks/eval.py --device cuda --banks synthetic --tasks knn --sklearn-queries 200 --append"
   "scale_b16|60|$PY benchmarks/train_step.py --model vit_b16 --batch 64 --scale --rounds 3 --append"
   "data_path|45|$PY benchmarks/data.py --device cuda --rounds 3 --append"

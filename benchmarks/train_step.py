@@ -871,14 +871,16 @@ def stored_bytes(bench: Bench, device: torch.device, bf16: bool) -> int:
     by autograd, or with checkpointing the block inputs it keeps), at the batch of ``bench``."""
     bench.module.zero_grad(set_to_none=True)
     synchronize(device)
-    tracker = LiveBytes([]) if device.type == "cpu" else contextlib.nullcontext()
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cpu":  # parameters count as existing, so views of them are not new
+        tracker = LiveBytes(list(_persistent(bench)))
+        before = tracker.current
+    else:
+        tracker, before = contextlib.nullcontext(), torch.cuda.memory_allocated(device)
     with tracker, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         loss = bench.module.compute_losses(bench.batch)["loss"]
     synchronize(device)
-    stored = (
-        tracker.current if device.type == "cpu" else torch.cuda.memory_allocated(device) - before
-    )
+    after = tracker.current if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    stored = after - before
     loss.backward()
     bench.module.zero_grad(set_to_none=True)
     return stored

@@ -43,6 +43,30 @@ def test_train_step_refiner_cases():
     assert "\nrefiner " in out and "\nrefiner_head " in out
 
 
+def test_train_step_named_candidates_and_memory_print_each_group():
+    out = run(
+        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--rounds", "1",
+        "--warmup", "1", "--device", "cpu", "--cases", "mae", "--candidates", "sync,checkpointing",
+    )  # fmt: skip
+    assert "mae guard on device (sync-free)" in out and "mae activation checkpointing" in out
+    assert "summary" not in out and "\nlightly " not in out  # named candidates run alone
+    out = run(
+        "train_step.py", "--model", "vit_t_fmnist", "--batch", "2", "--device", "cpu",
+        "--cases", "mae", "--memory",
+    )  # fmt: skip
+    assert "memory mae: stored for backward" in out
+    assert "memory mae, activation checkpointing: stored for backward" in out
+
+
+def test_sync_check_dry_runs_on_cpu():
+    out = run(
+        "sync_check.py", "--device", "cpu", "--methods", "mae", "--steps", "3", "--batch", "8",
+        "--workers", "0",
+    )  # fmt: skip
+    row = out.strip().splitlines()[-1].split()
+    assert row[:4] == ["mae", "3", "0", "0.00"]
+
+
 def test_eval_prints_each_task_against_its_peer():
     out = run(
         "eval.py", "--device", "cpu", "--banks", "synthetic", "--tasks", "knn,kmeans,linear",

@@ -169,7 +169,8 @@ class PretrainMethod(LightningModule):
         and, in epochs that skipped steps, the run's skipped-step count."""
         self.guard.check(log)
         for name, (total, count) in self._epoch_sums.items():
-            self.log(f"train/{name}_epoch", total / count, on_step=False, on_epoch=True)
+            mean = total / count  # already a mean over ranks: sync_dist averages equal values
+            self.log(f"train/{name}_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)
         self._epoch_sums.clear()
         if self.guard.skipped > self._skipped_before_epoch:
             count = float(self.guard.skipped)
