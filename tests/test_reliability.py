@@ -10,7 +10,6 @@ import re
 import resource
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,9 +22,13 @@ from maect.data import loader as loader_module
 from maect.data.loader import EpochShuffleSampler, SeededItems, collate_samples
 from maect.engine import RunCheckpoint, pretrain
 from maect.evaluation.knn import knn_accuracy
-from maect.faults import AtomicCheckpointIO, NonFiniteLossError, resume_checkpoint
+from maect.faults import (
+    AtomicCheckpointIO,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    resume_checkpoint,
+)
 from maect.methods.base import arch_from_config
-from maect.methods.can import CAN
 from maect.methods.mae import MAE
 from maect.models.vit import MaskedViT
 from maect.tuning import load_init_encoder
@@ -198,23 +201,15 @@ def test_nonfinite_loss_stops_then_skip_option_finishes(tiny_cfg, tmp_path, monk
     assert (run / "encoder.pt").is_file()
 
 
-def test_nonfinite_error_names_the_terms(tiny_cfg):
-    cfg = load_config("can/fmnist_vit_t", TINY_OVERRIDES)
-    module = CAN(cfg)
-    module._trainer = SimpleNamespace(
-        global_step=7,
-        current_epoch=1,
-        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
-    )
+def test_nonfinite_error_names_the_terms():
+    guard = NonFiniteGuard(skip=False)
     nan = torch.tensor(float("nan"))
     losses = {"loss": nan, "contrastive": torch.tensor(2.5), "reconstruction": nan}
+    guard.observe(losses, step=7, epoch=1, batch=3)
     with pytest.raises(
         NonFiniteLossError, match=r"step 7 \(epoch 1, batch 3\): loss=nan, contrastive=2.5, recon"
     ):
-        module.nonfinite_step(losses, 3)
-    assert not module.nonfinite_step({"loss": torch.tensor(1.0)}, 4)
-    module.cfg.trainer.skip_nonfinite = True
-    assert module.nonfinite_step(losses, 3) and module.skipped_nonfinite == 1
+        guard.check(logging.getLogger("test"))
 
 
 # --------------------------------------------------------------------------- exact resume
