@@ -2,11 +2,11 @@
 
 The same seeds give both strategies the same images, masks and neighbour picks, so after the same
 steps the weights agree up to float32 reduction order (FSDP reduce-scatters where DDP
-all-reduces): MAE through ``pretrain`` and MAE-CT through ``tune`` (stage 2 hands its head over,
-stage 3 updates EMAs of parameters that FSDP shards). Further checks: the optimizer groups
-(weight decay, layer-wise lr) hold the same parameters, ``encoder.pt`` and the checkpoints load
-like DDP's, an FSDP run killed mid-epoch resumes to the uninterrupted run's weights, and resuming
-an FSDP checkpoint under DDP is refused in one line.
+all-reduces): MAE through ``pretrain`` (under FSDP with activation checkpointing) and MAE-CT
+through ``tune`` (stage 2 hands its head over, stage 3 updates EMAs of parameters FSDP shards).
+Further checks: the optimizer groups (weight decay, layer-wise lr) hold the same parameters,
+``encoder.pt`` and the checkpoints load like DDP's, an FSDP run killed mid-epoch resumes to the
+uninterrupted run's weights, and resuming an FSDP checkpoint under DDP is refused in one line.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ MAECT = [
 
 
 def _mae(strategy: str) -> RunConfig:
-    return load_config("mae/fmnist_vit_t", [*COMMON, f"trainer.strategy={strategy}"])
+    """MAE; under FSDP with activation checkpointing too (around the FSDP-wrapped blocks)."""
+    checkpointing = f"model.grad_checkpointing={str(strategy == 'fsdp').lower()}"
+    return load_config("mae/fmnist_vit_t", [*COMMON, f"trainer.strategy={strategy}", checkpointing])
 
 
 def _maect(strategy: str, init: Path) -> RunConfig:
