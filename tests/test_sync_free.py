@@ -25,10 +25,21 @@ from maect.faults import NonFiniteGuard, NonFiniteLossError
 from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.models.vit import MaskedViT
 from tests.conftest import TINY_OVERRIDES
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+REFINER_TINY = [
+    "refiner.blocks=[0,1]",
+    "refiner.local_views=2",
+    "refiner.local_size=12",
+    "refiner.queue_size=32",
+    "refiner.proj_hidden_dim=32",
+    "refiner.proj_dim=16",
+    "refiner.pred_hidden_dim=32",
+    "refiner.encoder_ema=0.9",
+]
 MAECT_TINY = [
     "maect.queue_size=32",
     "maect.proj_hidden_dim=32",
@@ -41,7 +52,7 @@ COMMON = ["data.synthetic_size=48", "data.num_workers=0", "trainer.epochs=1"]
 
 
 def _config(recipe: str, *overrides: str) -> RunConfig:
-    extra = MAECT_TINY if recipe.startswith("maect") else []
+    extra = {"maect": MAECT_TINY, "refiner": REFINER_TINY}.get(recipe.split("/")[0], [])
     return load_config(recipe, [*TINY_OVERRIDES, *extra, *COMMON, *overrides])
 
 
@@ -54,6 +65,14 @@ METHODS = {
     ),
     "maect": lambda: ContrastiveTuning(
         cfg := _config("maect/fmnist_vit_t", "data.batch_size=8"), MaskedViT(arch_from_config(cfg))
+    ),
+    "refiner_head": lambda: RefinerHeadTraining(
+        cfg := _config("refiner/fmnist_vit_t", "data.batch_size=8"),
+        MaskedViT(arch_from_config(cfg)),
+    ),
+    "refiner": lambda: RefinerTuning(
+        cfg := _config("refiner/fmnist_vit_t", "data.batch_size=8"),
+        MaskedViT(arch_from_config(cfg)),
     ),
     "mae_accumulate": lambda: MAE(
         _config("mae/fmnist_vit_t", "data.batch_size=4", "trainer.accumulate_grad_batches=2")

@@ -34,6 +34,7 @@ from maect.models.heads import NNCLRPredictor, NNCLRProjector
 from maect.models.nn_queue import NNQueue
 from maect.models.pooling import pool_tokens
 from maect.models.vit import MaskedViT, init_mae_weights
+from maect.sharding import whole_root_params, whole_state_dict
 
 GLOBAL_VIEWS = 2
 
@@ -109,8 +110,9 @@ class RefinerMethod(PretrainMethod):
         )
 
     def head_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Projectors, predictors and queues of every head, handed to stage 3."""
-        return {"heads": self.heads.state_dict()}
+        """Projectors, predictors and queues of every head, handed to stage 3 (whole weights:
+        under FSDP gathered from the shards, so every rank calls this)."""
+        return {"heads": whole_state_dict(self, "heads")}
 
     # ------------------------------------------------------------------ step
 
@@ -266,7 +268,8 @@ class RefinerTuning(RefinerMethod):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema_encoder is not None:
-            ema_update(self.ema_encoder, self.encoder, self.cfg.refiner.encoder_ema)
+            with whole_root_params(self):  # FSDP: EMA and online parameters shaped alike
+                ema_update(self.ema_encoder, self.encoder, self.cfg.refiner.encoder_ema)
 
     def export_encoder(self) -> MaskedViT:
         return self.ema_encoder if self.ema_encoder is not None else self.encoder
