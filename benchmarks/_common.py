@@ -99,12 +99,14 @@ def step_times(
     warmup: int,
     device: torch.device | None = None,
     inner: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, one sample per round after ``warmup`` untimed calls.
 
     The functions take turns within each round, so a change of machine load affects them alike.
     A sample runs ``inner`` calls back to back and synchronises ``device`` once at its end, so
-    the calls themselves need not synchronise.
+    the calls themselves need not synchronise. ``clock``: wall time by default;
+    ``time.process_time`` (CPU seconds of all threads) holds up better on a shared CPU.
     """
     device = device or torch.device("cpu")
     for fn in steps.values():
@@ -114,11 +116,11 @@ def step_times(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner):
                 fn()
             synchronize(device)
-            times[name].append((time.perf_counter() - start) / inner)
+            times[name].append((clock() - start) / inner)
     return times
 
 

@@ -35,13 +35,15 @@ MFU = model FLOPs/s over the measured dense bf16 matmul rate of the device.
 ``--candidates [NAMES]`` measures single optimisations one against the other (all, or those of
 :data:`CANDIDATES` named: fused AdamW, SDPA, bf16 autocast, the sync-free step against one that
 reads the guard and the loss on the host every step, activation checkpointing, views in one
-batch, frozen blocks without autograd, ``compile``: every transformer block under torch.compile as
+batch, frozen blocks without autograd, ``onednn``: ``nn.Linear`` through oneDNN instead of MKL on CPU as
+``trainer.cpu_matmul=onednn`` does, ``compile``: every transformer block under torch.compile as
 ``trainer.compile=true`` does, ``cudagraphs``: the same with ``mode="reduce-overhead"``, CUDA only);
 ``--scale`` sweeps batch, image size and width for MAE and fits lines; ``--memory`` measures peak
 memory at ``--batch`` and twice that, with and without activation checkpointing, and fits the
 memory per image (``docs/performance.md``); ``--set model.grad_checkpointing=true`` turns
 checkpointing on in every case. A named ``--candidates`` list runs without the peer comparison;
-``--candidates`` alone runs both, as before. Every group of cases is printed, and with
+``--candidates`` alone runs both, as before. ``--clock cpu`` times CPU seconds of the process
+(all threads) instead of wall time: the robust figure on a shared CPU. Every group of cases is printed, and with
 ``--append`` added to ``docs/benchmarks.md``, as soon as it is measured, so a run stopped at a
 time limit keeps what it measured. The last line is a summary::
 
@@ -57,6 +59,7 @@ Usage::
     python benchmarks/train_step.py --model vit_l16 --batch 1 --cases refiner --rounds 1
     python benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae --candidates sync
     python benchmarks/train_step.py --model vit_h14 --batch 2 --cases mae,maect --memory
+    python benchmarks/train_step.py --cases mae,maect,can --candidates onednn --clock cpu
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ from maect.methods.can import CANOutput
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.methods.schedule import decay_groups
+from maect.models.cpu_linear import route_linears
 from maect.models.vit import build_encoder, set_grad_checkpointing
 
 CASES = (
@@ -145,6 +149,7 @@ CANDIDATES = (
     "cudagraphs",
     "views",
     "frozen",
+    "onednn",
 )
 # --model beyond MODELS: (recipe suffix, SimCLR recipe, model overrides). ViT-2B/14 is the
 # 2560-wide, 24-block, 32-head ViT of MAE pre-pretraining (Singh et al. 2023; MIM-Refiner's 2B).
@@ -509,7 +514,8 @@ def measure(
 ) -> dict[str, Result]:
     """FLOPs, and unless ``timed`` is False peak memory and median step time (interleaved)."""
     steps = {b.name: b.step for b in benches}
-    times = step_times(steps, args.rounds, args.warmup, device, args.inner) if timed else {}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = step_times(steps, args.rounds, args.warmup, device, args.inner, clock) if timed else {}
     return {
         b.name: Result(
             b.name,
@@ -707,7 +713,8 @@ def selected_candidates(args: argparse.Namespace, device: torch.device) -> list[
         unknown = sorted(set(names) - set(CANDIDATES))
         if unknown:
             raise SystemExit(f"unknown --candidates {unknown}; choose from {', '.join(CANDIDATES)}")
-    return [n for n in names if n != "cudagraphs" or device.type == "cuda"]
+    cuda_only, cpu_only = ("cudagraphs",), ("onednn",)
+    return [n for n in names if n not in (cuda_only if device.type != "cuda" else cpu_only)]
 
 
 def run_candidates(
@@ -791,6 +798,17 @@ def run_candidates(
             ),
         ),
     )
+    for name in ("mae", "maect", "can"):
+
+        def routed(name: str = name) -> nn.Module:
+            module = build_case(name, configs)
+            route_linears(module)
+            return module
+
+        groups[("onednn", name)] = pair(
+            lambda name=name: bench(f"{name} oneDNN linear", name, module=routed()),
+            lambda name=name: bench(f"{name} MKL linear", name),
+        )
     cases = args.cases.split(",")
     for candidate in selected_candidates(args, device):
         for (group, case), build in groups.items():
@@ -952,6 +970,9 @@ def main() -> None:
         help=f"time single optimisations: all, or some of {','.join(CANDIDATES)}",
     )
     parser.add_argument("--compile", action="store_true", help="--candidates all: compile too")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time"
+    )
     parser.add_argument("--scale", action="store_true", help="MAE scaling sweep instead")
     parser.add_argument("--memory", action="store_true", help="memory per image instead")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

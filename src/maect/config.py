@@ -25,6 +25,7 @@ POOLINGS = ("cls", "mean")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "shards")
 AUGMENT_ON = ("loader", "device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+CPU_MATMULS = ("auto", "onednn", "default")
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,10 @@ class TrainerConfig:
     ``skip_nonfinite`` (the step is skipped and counted as ``train/skipped_nonfinite``).
     ``compile`` compiles every transformer block (encoder and decoder) with ``torch.compile``
     in place (regional compilation: state-dict keys and checkpoints are unchanged).
+    ``cpu_matmul`` (training on CPU): ``onednn`` runs the float32 ``nn.Linear`` products in oneDNN
+    instead of MKL (maect.models.cpu_linear; same parameters and state dict), ``default`` leaves
+    them to PyTorch, ``auto`` means ``onednn`` on AMD processors (where MKL takes its AVX2 path)
+    and ``default`` elsewhere.
     """
 
     epochs: int = 800
@@ -110,6 +115,7 @@ class TrainerConfig:
     progress_bar: bool = True
     skip_nonfinite: bool = False
     compile: bool = False
+    cpu_matmul: str = "auto"
 
 
 @dataclass
@@ -469,6 +475,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         t.checkpoint_every_steps >= 0,
         "trainer.checkpoint_every_steps",
         f"must be >= 0 (0: only at epoch ends), got {t.checkpoint_every_steps}",
+    )
+    _require(
+        t.cpu_matmul in CPU_MATMULS,
+        "trainer.cpu_matmul",
+        f"must be one of {', '.join(CPU_MATMULS)}, got '{t.cpu_matmul}'",
     )
     return cfg
 

@@ -33,6 +33,7 @@ from maect.data.transforms import eval_transform
 from maect.evaluation.monitor import build_monitor
 from maect.faults import AtomicCheckpointIO, DeviceMemoryError, resume_checkpoint
 from maect.methods import METHOD_CLASSES, PretrainMethod
+from maect.models.cpu_linear import apply_cpu_matmul
 from maect.models.vit import MaskedViT, set_grad_checkpointing
 from maect.sharding import BlockFSDPStrategy, check_resume_strategy, is_fsdp, whole_state_dict
 
@@ -51,6 +52,7 @@ RESUMABLE_KEYS = (
     "trainer.skip_nonfinite",
     "trainer.compile",
     "model.grad_checkpointing",
+    "trainer.cpu_matmul",
 )
 PREVIEW_IMAGES = 8
 # The CSV logger writes metrics.csv into the run directory, which is never empty.
@@ -248,6 +250,9 @@ def fit_module(
         log.info("activation checkpointing in %d modules", set_grad_checkpointing(module.modules()))
     if cfg.trainer.compile:
         log.info("torch.compile: %d transformer blocks", compile_blocks(module))
+    routed = apply_cpu_matmul(module, cfg.trainer.cpu_matmul, trainer.strategy.root_device)
+    if routed:
+        log.info("trainer.cpu_matmul: %d linear layers through oneDNN", routed)
     found = None if dev_run else resume_checkpoint(run_dir / "checkpoints", cfg.to_dict()["model"])
     resume = None
     if found is not None:
