@@ -15,15 +15,17 @@ Parts, each with its count in the demo (from ``pipelines/demo_fmnist``'s CPU set
   the demo (pixels counted as an encoder: an upper bound);
 - ``gemm``: the fp32 and bf16 matrix-product rate of one thread (GFLOP per CPU second) at the
   shape of the encoder's MLP, to compare machines (PyTorch's fp32 products run in MKL, which
-  takes an AVX2 path on AMD CPUs; bf16 ones in oneDNN).
+  takes an AVX2 path on AMD CPUs; bf16 ones in oneDNN), and the fp32 rate in oneDNN.
 
 The sum is the demo's CPU work; on an idle 2-core machine the wall time is at least half of it.
 ``--bf16`` also times the steps under bf16 autocast (``trainer.precision=bf16-mixed``).
+``--cpu-matmul`` applies ``trainer.cpu_matmul`` to the modules as training does (default ``auto``,
+the demo's setting; ``default`` for PyTorch's MKL products, ``onednn`` for oneDNN's).
 
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/demo_profile.py [--steps 3] [--bf16] [--no-eval]
-        [--stages mae,maect/head,maect/tune,can]
+        [--stages mae,maect/head,maect/tune,can] [--cpu-matmul auto|onednn|default]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from maect.evaluation.monitor import build_monitor
 from maect.methods import METHOD_CLASSES
 from maect.methods.base import arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.models.cpu_linear import apply_cpu_matmul
 from maect.models.vit import build_encoder
 from maect.pipeline import cpu_name, load_pipeline, stage_config
 
@@ -75,13 +78,18 @@ def matmul_share(fn: Callable[[], object]) -> float:
     return matmul / total if total else float("nan")
 
 
-def gemm_rate(dtype: torch.dtype, m: int = 12800, k: int = 192, n: int = 768) -> float:
-    """GFLOP per CPU second of one thread for ``[m, k] @ [k, n]``."""
+def gemm_rate(
+    dtype: torch.dtype, m: int = 12800, k: int = 192, n: int = 768, onednn: bool = False
+) -> float:
+    """GFLOP per CPU second of one thread for ``[m, k] @ [k, n]`` (``onednn``: through
+    oneDNN's linear op instead of ``torch.mm``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        return 2 * m * k * n / cpu_seconds(lambda: a @ b, repeats=5) / 1e9
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        lp = torch.ops.mkldnn._linear_pointwise
+        product = (lambda: lp(a, b, None, "none", [], "")) if onednn else (lambda: a @ b.T)
+        return 2 * m * k * n / cpu_seconds(product, repeats=5) / 1e9
     finally:
         torch.set_num_threads(threads)
 
@@ -153,6 +161,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also time steps under bf16 autocast")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation part")
     parser.add_argument("--stages", default="", help="only these stages, e.g. mae,can/tune")
+    parser.add_argument(
+        "--cpu-matmul", choices=("auto", "onednn", "default"), default="auto", help="as trainer's"
+    )
     args = parser.parse_args()
     load_before = load_average()
     rows: list[Row] = []
@@ -161,11 +172,13 @@ def main() -> None:
         for label, (cfg, module, epochs) in demo_stages(Path(tmp)).items():
             if chosen and label not in chosen:
                 continue
+            apply_cpu_matmul(module, args.cpu_matmul, torch.device("cpu"))
             rows += profile_stage(label, cfg, module, epochs, Path(tmp), args)
             print(*rows[-3:], sep="\n", flush=True)
         if not args.no_eval:
             rows.append(profile_evaluation(Path(tmp)))
     fp32, bf16 = gemm_rate(torch.float32), gemm_rate(torch.bfloat16)
+    onednn = gemm_rate(torch.float32, onednn=True)
     total = sum(seconds * units for _, seconds, units, _ in rows)
     print(
         f"\n{cpu_name()}, {torch.get_num_threads()} threads, load average {load_before:.1f} "
@@ -182,8 +195,8 @@ def main() -> None:
         f"{total / 120:.1f} min) | | |"
     )
     print(
-        f"\nfp32 GEMM {fp32:.0f} GFLOP per CPU s, bf16 GEMM {bf16:.0f} (one thread, "
-        "[12800, 192] @ [192, 768])"
+        f"\nfp32 GEMM {fp32:.0f} GFLOP per CPU s, bf16 GEMM {bf16:.0f}, fp32 in oneDNN "
+        f"{onednn:.0f} (one thread, [12800, 192] @ [192, 768])"
     )
 
 

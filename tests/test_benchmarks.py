@@ -107,3 +107,17 @@ def test_data_prints_every_worker_case_and_the_device_augmentation():
     for case in ("decode", "mae loader", "mae device", "byol loader", "shards byol device"):
         assert f"\n{case} " in out
     assert "batched device aug, byol x2, batch 4" in out
+
+
+def test_train_step_candidates_onednn_alone_in_cpu_seconds():
+    out = run(
+        "train_step.py", "--batch", "2", "--rounds", "1", "--warmup", "0", "--device", "cpu",
+        "--cases", "mae", "--candidates", "onednn", "--clock", "cpu",
+    )  # fmt: skip
+    assert "\nmae oneDNN linear " in out and "mae MKL linear" in out
+    assert "lightly" not in out and "summary" not in out  # named groups only, no peer cases
+
+
+def test_cpu_linear_prints_every_shape():
+    out = run("cpu_linear.py", "--tokens", "16", "--rounds", "1")
+    assert out.count("\n| 16 | ") == 7 and "rel. error MKL / oneDNN" in out

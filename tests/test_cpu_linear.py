@@ -149,13 +149,18 @@ def test_config_rejects_unknown_cpu_matmul(tiny_cfg):
 
 
 @pytest.mark.parametrize("method", ["mae", "can"])
-def test_method_step_matches_mkl_to_float32_rounding(method):
+def test_method_step_matches_mkl_to_float32_rounding(method, monkeypatch):
     """A full forward + backward of a method: the same loss and gradients (up to float32
-    rounding) with its linear layers in oneDNN, and the oneDNN step is repeatable bit for bit."""
+    rounding) with its linear layers in oneDNN (all three products of every layer), and the
+    oneDNN step is repeatable bit for bit."""
     torch.manual_seed(0)
     plain = METHOD_CLASSES[method](load_config(f"{method}/fmnist_vit_t", TINY_OVERRIDES))
     routed = copy.deepcopy(plain)
-    assert route_linears(routed) > 0
+    layers = route_linears(routed)
+    assert layers > 0
+    products = []
+    product = cpu_linear._product
+    monkeypatch.setattr(cpu_linear, "_product", lambda *a: products.append(a) or product(*a))
     images = torch.randn(2, 8, 1, 28, 28)
     views = list(images) if method == "can" else images[0]
     batch = {"image": views, "label": torch.zeros(8), "index": torch.arange(8)}
@@ -169,7 +174,9 @@ def test_method_step_matches_mkl_to_float32_rounding(method):
         return loss.detach(), grads
 
     loss, grads = step(plain)
+    assert not products
     routed_loss, routed_grads = step(routed)
+    assert 3 * layers - 1 <= len(products) <= 3 * layers  # CAN: noise MLP input needs no grad
     again_loss, again_grads = step(routed)
     torch.testing.assert_close(routed_loss, loss, rtol=1e-5, atol=1e-6)
     assert routed_grads.keys() == grads.keys()

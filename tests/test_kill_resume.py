@@ -37,6 +37,7 @@ COMMON = [
     "trainer.deterministic=true",
     "data.num_workers=0",
     "trainer.recon_every=100",
+    "trainer.cpu_matmul=onednn",  # the oneDNN products resume bit for bit too (auto: AMD only)
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
