@@ -210,3 +210,18 @@ def test_ddp_gloo_averages_onednn_gradients(tmp_path):
     model(x).square().mean().backward()  # the mean over both ranks' halves
     for name, p in model.named_parameters():
         assert _relative_error(grads[name], p.grad) < 1e-6, name
+
+
+@pytest.mark.parametrize("choice", ["onednn", "default"])
+def test_fit_module_applies_the_switch_and_keeps_the_state_dict(tiny_cfg, tmp_path, choice):
+    from maect.engine import fit_module, training_dataset
+
+    cfg = tiny_cfg(f"trainer.cpu_matmul={choice}", "trainer.monitor_every=0")
+    module = METHOD_CLASSES["mae"](cfg)
+    keys = list(module.state_dict())
+    dataset = training_dataset(cfg)
+    dataset.transform = module.train_transform()
+    fit_module(cfg, module, dataset, tmp_path, [], dev_run=1)
+    routed = [m for m in module.modules() if type(m) is OneDNNLinear]
+    assert bool(routed) == (choice == "onednn")
+    assert list(module.state_dict()) == keys
