@@ -106,6 +106,11 @@ def test_falls_back_to_f_linear_where_onednn_does_not_apply(monkeypatch):
     with FlopCounterMode(display=False) as counter:  # dispatch modes see F.linear's ops
         onednn_linear(x, w, b)
     assert counter.get_total_flops() == 2 * 9 * 5 * 4
+    for x_shape, w_shape in (((0, 5), (4, 5)), ((2, 0, 5), (4, 5)), ((9, 0), (4, 0))):
+        x0 = torch.randn(*x_shape, requires_grad=True)
+        w0 = torch.randn(*w_shape, requires_grad=True)
+        onednn_linear(x0, w0).sum().backward()  # oneDNN has no empty products
+        assert torch.equal(w0.grad, torch.zeros_like(w0))
 
 
 def test_routed_module_keeps_state_dict_and_subclasses():

@@ -5,8 +5,8 @@ processors; oneDNN (``torch.ops.mkldnn._linear_pointwise``, ``x @ weight.T (+ bi
 same products with AVX-512 there (docs/performance.md). :func:`route_linears` switches the
 ``nn.Linear`` layers of a module to :class:`OneDNNLinear`, a subclass with the same parameters
 (state dicts and checkpoints are unchanged) whose forward and backward products run in oneDNN
-when the input is a float32 CPU tensor outside autocast, ``torch.compile`` and dispatch modes
-(FLOP counters, fake tensors); anything else goes through ``F.linear`` as before.
+when the input is a non-empty float32 CPU tensor outside autocast, ``torch.compile`` and dispatch
+modes (FLOP counters, fake tensors); anything else goes through ``F.linear`` as before.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() >= 2
+        and x.numel() > 0  # oneDNN has no primitive for empty products
+        and weight.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and _get_current_dispatch_mode() is None
     )
