@@ -35,16 +35,17 @@ MFU = model FLOPs/s over the measured dense bf16 matmul rate of the device.
 ``--candidates [NAMES]`` measures single optimisations one against the other (all, or those of
 :data:`CANDIDATES` named: fused AdamW, SDPA, bf16 autocast, the sync-free step against one that
 reads the guard and the loss on the host every step, activation checkpointing, views in one
-batch, frozen blocks without autograd, ``onednn``: ``nn.Linear`` through oneDNN instead of MKL on CPU as
-``trainer.cpu_matmul=onednn`` does, ``compile``: every transformer block under torch.compile as
-``trainer.compile=true`` does, ``cudagraphs``: the same with ``mode="reduce-overhead"``, CUDA only);
-``--scale`` sweeps batch, image size and width for MAE and fits lines; ``--memory`` measures peak
-memory at ``--batch`` and twice that, with and without activation checkpointing, and fits the
-memory per image (``docs/performance.md``); ``--set model.grad_checkpointing=true`` turns
-checkpointing on in every case. A named ``--candidates`` list runs without the peer comparison;
-``--candidates`` alone runs both, as before. ``--clock cpu`` times CPU seconds of the process
-(all threads) instead of wall time: the robust figure on a shared CPU. Every group of cases is printed, and with
-``--append`` added to ``docs/benchmarks.md``, as soon as it is measured, so a run stopped at a
+batch, frozen blocks without autograd, ``onednn``: ``nn.Linear`` through oneDNN instead of MKL,
+CPU only, as ``trainer.cpu_matmul=onednn`` does, ``compile``: every transformer block under
+torch.compile as ``trainer.compile=true`` does, ``cudagraphs``: the same with
+``mode="reduce-overhead"``, CUDA only); ``--scale`` sweeps batch, image size and width for MAE and
+fits lines; ``--memory`` measures peak memory at ``--batch`` and twice that, with and without
+activation checkpointing, and fits the memory per image (``docs/performance.md``); ``--set
+model.grad_checkpointing=true`` turns checkpointing on in every case. A named ``--candidates``
+list runs without the peer comparison; ``--candidates`` alone runs both, as before. ``--clock
+cpu`` times CPU seconds of the process (all threads) instead of wall time: the robust figure on a
+shared CPU. Every group of cases is printed, and with ``--append`` added to
+``docs/benchmarks.md``, as soon as it is measured, so a run stopped at a
 time limit keeps what it measured. The last line is a summary::
 
     summary mae_vs_peer=<images/s ratio> maect_vs_mae_step=<step time ratio> \
@@ -798,15 +799,14 @@ def run_candidates(
             ),
         ),
     )
+    def routed(name: str) -> nn.Module:
+        module = build_case(name, configs)
+        route_linears(module)
+        return module
+
     for name in ("mae", "maect", "can"):
-
-        def routed(name: str = name) -> nn.Module:
-            module = build_case(name, configs)
-            route_linears(module)
-            return module
-
         groups[("onednn", name)] = pair(
-            lambda name=name: bench(f"{name} oneDNN linear", name, module=routed()),
+            lambda name=name: bench(f"{name} oneDNN linear", name, module=routed(name)),
             lambda name=name: bench(f"{name} MKL linear", name),
         )
     cases = args.cases.split(",")
