@@ -13,6 +13,10 @@ file when the file records it (maect ``encoder.pt``, maect Lightning checkpoints
 ``ctor_kwargs``), else from ``num_heads=`` (the ``model.num_heads`` key of the commands), else from
 :data:`HEADS_BY_WIDTH` for the standard ViT widths; any other width is an error that asks for
 ``model.num_heads``: a wrong guess would silently give another model.
+
+:func:`load_classifier` reads the same formats when they hold a classifier head (``head.*``, and
+``fc_norm.*`` for global average pooling): maect ``classifier.pt`` files and fine-tuning run
+directories, facebookresearch/mae fine-tuned checkpoints and timm classifier state dicts.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 
+from maect.models.classifier import ViTClassifier, classifier_record
 from maect.models.vit import MaskedViT, ViTArch
 
 # Heads of the standard ViT widths: every class-token ViT of timm 1.x with that width has that head
@@ -53,11 +58,11 @@ ACCEPTED = (
     "MAE-CT .th, or a timm state dict (.pth, .bin, .safetensors)"
 )
 PREFIXES = ("module.", "encoder.", "backbone.", "model.")
+HEAD_PREFIXES = ("head.", "fc_norm.")
 IGNORED_PREFIXES = (
     "decoder",
     "mask_token",
-    "head.",
-    "fc_norm.",
+    *HEAD_PREFIXES,
     "autoencoder.",
     "projector",
     "predictor",
@@ -98,13 +103,22 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(directory)
 
 
-def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    """Load the raw object behind ``source`` and a name for error messages."""
+ENCODER_FILES = ("encoder.pt", "checkpoints/last.ckpt")
+CLASSIFIER_FILES = ("classifier.pt", "checkpoints/last.ckpt")
+
+
+def _read(
+    source: str | Path | Mapping[str, Any],
+    run_files: tuple[str, ...] = ENCODER_FILES,
+    mmap: bool = False,
+) -> tuple[Mapping[str, Any], str]:
+    """Load the raw object behind ``source`` (in a run directory: the first of ``run_files``;
+    ``mmap``: tensors memory-mapped, not read) and a name for error messages."""
     if isinstance(source, Mapping):
         return source, "<state dict>"
     path = Path(source)
     if path.is_dir():
-        for candidate in (path / "encoder.pt", path / "checkpoints" / "last.ckpt"):
+        for candidate in (path / name for name in run_files):
             if candidate.is_file():
                 path = candidate
                 break
@@ -112,9 +126,8 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], st
             held = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
             holds = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "") or "nothing"
             raise CheckpointError(
-                f"{source} is a directory without encoder.pt or checkpoints/last.ckpt (it holds "
-                f"{holds}; a maect run directory has them once training has started); "
-                f"accepted: {ACCEPTED}"
+                f"{source} is a directory without {' or '.join(run_files)} (it holds {holds}; a "
+                f"maect run directory has them once training has started); accepted: {ACCEPTED}"
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -128,8 +141,9 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], st
             raise CheckpointError(f"{path} is an unreadable safetensors file ({err})") from None
     try:
         # facebookresearch/mae and timm training checkpoints keep their argparse arguments.
+        mmap = mmap and zipfile.is_zipfile(path)  # mmap needs the zip format
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         found = _diagnose(path, err)
         raise CheckpointError(f"{path} is not a readable checkpoint: {found}") from None
@@ -198,8 +212,11 @@ def _first_line(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def _state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The encoder's tensors (prefixes stripped, decoder/head keys dropped) and saved arch."""
+def _state_dict(
+    obj: Mapping[str, Any], keep_head: bool = False
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The encoder's tensors (prefixes stripped, decoder keys dropped, head keys too unless
+    ``keep_head``) and the saved arch."""
     arch = obj.get("arch") if isinstance(obj.get("arch"), Mapping) else None
     for key in ("model", "state_dict", "encoder"):
         if isinstance(obj.get(key), Mapping):
@@ -216,7 +233,7 @@ def _state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict |
             if key.startswith(prefix):
                 key = key[len(prefix) :]
                 break
-        if key.startswith(IGNORED_PREFIXES):
+        if key.startswith(IGNORED_PREFIXES) and not (keep_head and key.startswith(HEAD_PREFIXES)):
             continue
         clean[key] = value
     return clean, arch
@@ -278,6 +295,25 @@ def infer_arch(state: Mapping[str, torch.Tensor], num_heads: int | None = None) 
     )
 
 
+def _state_and_arch(
+    obj: Mapping[str, Any], name: str, num_heads: int | None, keep_head: bool = False
+) -> tuple[dict[str, torch.Tensor], ViTArch]:
+    """The tensors of ``obj`` and its architecture (saved, or inferred with the recorded or given
+    head count, which must agree)."""
+    recorded = saved_num_heads(obj)
+    if recorded is not None and num_heads is not None and recorded != num_heads:
+        raise CheckpointError(
+            f"{name} records {recorded} attention heads, but model.num_heads={num_heads} was given"
+        )
+    state, saved_arch = _state_dict(obj, keep_head)
+    if saved_arch is not None:
+        return state, ViTArch(**saved_arch)
+    try:
+        return state, infer_arch(state, recorded or num_heads)
+    except CheckpointError as err:
+        raise CheckpointError(f"{name}: {err}") from None
+
+
 def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None = None) -> MaskedViT:
     """Load a ViT encoder (a ``timm.models.VisionTransformer``) from a run directory, a
     checkpoint file or a state dict; the architecture is inferred from the weights.
@@ -295,19 +331,7 @@ def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None =
         CheckpointError: one line naming the file and what is wrong with it.
     """
     obj, name = _read(source)
-    recorded = saved_num_heads(obj)
-    if recorded is not None and num_heads is not None and recorded != num_heads:
-        raise CheckpointError(
-            f"{name} records {recorded} attention heads, but model.num_heads={num_heads} was given"
-        )
-    state, saved_arch = _state_dict(obj)
-    if saved_arch is not None:
-        arch = ViTArch(**saved_arch)
-    else:
-        try:
-            arch = infer_arch(state, recorded or num_heads)
-        except CheckpointError as err:
-            raise CheckpointError(f"{name}: {err}") from None
+    state, arch = _state_and_arch(obj, name, num_heads)
     if "pos_embed" in state and state["pos_embed"].shape[1] == arch.num_patches:
         cls_slot = state["pos_embed"].new_zeros(1, 1, arch.embed_dim)  # MAE-CT: no CLS slot
         state["pos_embed"] = torch.cat([cls_slot, state["pos_embed"]], dim=1)
@@ -327,3 +351,44 @@ def load_encoder(source: str | Path | Mapping[str, Any], num_heads: int | None =
 def save_encoder(encoder: MaskedViT, path: Path) -> None:
     """Write ``{"model": timm state dict, "arch": ...}`` (timm's ``load_checkpoint`` reads it)."""
     atomic_save({"model": encoder.state_dict(), "arch": dataclasses.asdict(encoder.arch)}, path)
+
+
+def load_classifier(
+    source: str | Path | Mapping[str, Any], num_heads: int | None = None, drop_path: float = 0.0
+) -> ViTClassifier:
+    """Load a fine-tuned ViT classifier (a ``timm.models.VisionTransformer`` with a head) from a
+    maect fine-tuning run directory (``classifier.pt``, else ``checkpoints/last.ckpt``), a
+    ``classifier.pt``, a facebookresearch/mae fine-tuned checkpoint (``{"model": ...}`` with
+    ``head.*`` and, for global average pooling, ``fc_norm.*`` instead of ``norm.*``) or a timm
+    classifier state dict. The pooling follows the weights: ``fc_norm`` means ``avg``. The head
+    count is found as for :func:`load_encoder`.
+
+    Raises:
+        CheckpointError: If the checkpoint holds no classifier head, or weights do not fit.
+    """
+    obj, name = _read(source, CLASSIFIER_FILES)
+    state, arch = _state_and_arch(obj, name, num_heads, keep_head=True)
+    if "head.weight" not in state:
+        raise CheckpointError(f"{name} holds no classifier (no head.weight)")
+    global_pool = "avg" if "fc_norm.weight" in state else "token"
+    model = ViTClassifier(arch, state["head.weight"].shape[0], global_pool, drop_path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{name}: weights do not fit {arch} ({global_pool} pooling): {_first_line(err)}"
+        ) from None
+    return model.eval()
+
+
+def holds_classifier(source: str | Path | Mapping[str, Any]) -> bool:
+    """Whether ``source`` (as :func:`load_classifier` reads it) has a classifier head."""
+    obj, _ = _read(source, CLASSIFIER_FILES, mmap=True)
+    return "head.weight" in _state_dict(obj, keep_head=True)[0]
+
+
+def save_classifier(model: ViTClassifier, path: Path) -> None:
+    """Write ``classifier.pt``: ``{"model": timm state dict, "arch", "num_classes",
+    "global_pool", "timm_name"}``; ``timm.create_model(timm_name, num_classes=...,
+    global_pool=...)`` (standard shapes) or :func:`load_classifier` rebuilds it."""
+    atomic_save(classifier_record(model), path)

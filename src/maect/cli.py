@@ -61,6 +61,19 @@ def cmd_tune(args: list[str]) -> None:
     print(f"run directory: {run_dir}")
 
 
+def cmd_finetune(args: list[str]) -> None:
+    """``maect finetune SOURCE recipe=finetune/NAME out=DIR [key=value ...]``: fine-tune SOURCE
+    (a run directory, a checkpoint, or ``scratch``) end to end on labelled data."""
+    from maect.finetuning import finetune
+
+    if not args or "=" in args[0]:
+        raise ConfigError("missing SOURCE: a run directory, a checkpoint file or scratch")
+    own, overrides = split_assignments(args[1:], ("recipe", "out"))
+    cfg = load_config(own["recipe"], [*overrides, f"finetune.init={args[0]}"])
+    run_dir = finetune(cfg, own["out"])
+    print(f"run directory: {run_dir}")
+
+
 def cmd_evaluate(args: list[str]) -> None:
     """``maect evaluate SOURCE [data=NAME] [protocols=knn,linear,lowshot,cluster] [key=value ...]``.
 
@@ -139,6 +152,7 @@ COMMANDS = {
     "run": cmd_run,
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,
+    "finetune": cmd_finetune,
     "report": cmd_report,
     "shards": cmd_shards,
 }

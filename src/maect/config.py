@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("mae", "can", "maect", "refiner")
+METHODS = ("mae", "can", "maect", "refiner", "finetune")
 TUNING_METHODS = ("maect", "refiner")  # run by `maect tune` from an init encoder
 VIEW_PAIRS = ("min", "byol", "simclr")
 POOLINGS = ("cls", "mean")
@@ -26,6 +26,7 @@ DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "syn
 AUGMENT_ON = ("loader", "device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 CPU_MATMULS = ("auto", "onednn", "default")
+GLOBAL_POOLS = ("avg", "token")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,7 @@ class DataConfig:
     hflip: bool = True
     synthetic_size: int = 512
     augment_on: str = "loader"
+    label_fraction: float = 1.0
 
 
 @dataclass
@@ -229,6 +231,37 @@ class RefinerConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised end-to-end fine-tuning (``maect finetune``), the recipe of facebookresearch/mae
+    and BEiT. ``init``: the encoder to start from (a run directory or a checkpoint; ``scratch``: a
+    freshly initialised ViT of ``model.*``); ``reset_head`` replaces the head of a checkpoint
+    that already holds a classifier. The head reads the CLS token (``global_pool: token``) or
+    the LayerNorm ``fc_norm`` of the mean patch token (``avg``). Layer-wise lr decay: block ``j``
+    gets ``layer_decay ** (depth - j)``. ``drop_path``: stochastic depth, linearly increasing
+    over the blocks (timm's ``drop_path_rate``). ``mixup`` / ``cutmix``: the Beta alphas of
+    timm's ``Mixup`` (0: off), applied per batch with probability ``mixup_prob``, cutmix chosen
+    with ``mixup_switch_prob``; label ``smoothing``. ``auto_augment``: timm's RandAugment string
+    (empty: none). ``reprob``: random-erasing probability. ``model_ema``: decay of an EMA of the
+    weights (0: off), which is then exported (both are evaluated). The evaluation split is scored
+    after every ``eval_every`` epochs (0: only after the last)."""
+
+    init: str = ""
+    global_pool: str = "avg"
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    model_ema: float = 0.0
+    reset_head: bool = False
+    eval_every: int = 1
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; written to ``config.yaml`` in the run directory."""
 
@@ -242,6 +275,7 @@ class RunConfig:
     can: CANConfig = field(default_factory=CANConfig)
     maect: MAECTConfig = field(default_factory=MAECTConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-serialisable) without the other methods' sections."""
@@ -443,6 +477,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1 or null, got {d.subset}"
     )
     _require(
+        0.0 < d.label_fraction <= 1.0,
+        "data.label_fraction",
+        f"must be in (0, 1] (1: all labels), got {d.label_fraction}",
+    )
+    _require(
+        d.label_fraction == 1.0 or cfg.method == "finetune",
+        "data.label_fraction",
+        f"applies to fine-tuning only (method finetune), not to method {cfg.method}",
+    )
+    _require(
         len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
         "data.crop_scale",
         f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
@@ -455,7 +499,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         f"must be two values in [0, 1), got {o.betas}",
     )
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
-    _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
+    min_epochs = 0 if cfg.method == "finetune" else 1  # 0: evaluate the source only
+    _require(t.epochs >= min_epochs, "trainer.epochs", f"must be >= {min_epochs}, got {t.epochs}")
     _require(
         t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}"
     )
@@ -551,6 +596,8 @@ def validate_method_sections(cfg: RunConfig) -> None:
         _require(t.head_epochs >= 0, "maect.head_epochs", f"must be >= 0, got {t.head_epochs}")
     if cfg.method == "refiner":
         validate_refiner(cfg)
+    if cfg.method == "finetune":
+        validate_finetune(cfg)
 
 
 def validate_refiner(cfg: RunConfig) -> None:
@@ -622,6 +669,52 @@ def validate_refiner(cfg: RunConfig) -> None:
         f"must be in (0, 1], got {r.layer_decay}",
     )
     _require(r.head_epochs >= 0, "refiner.head_epochs", f"must be >= 0, got {r.head_epochs}")
+
+
+def validate_finetune(cfg: RunConfig) -> None:
+    """Rules of the ``finetune`` section."""
+    f = cfg.finetune
+    _require(
+        bool(f.init),
+        "finetune.init",
+        "is empty: name the encoder to fine-tune (a run directory, a checkpoint, or scratch)",
+    )
+    _require(
+        f.init != "pixels",
+        "finetune.init",
+        "is 'pixels': raw pixels have no encoder to fine-tune (use scratch for a randomly "
+        "initialised ViT, or maect evaluate pixels for the pixel baseline)",
+    )
+    _require(
+        f.global_pool in GLOBAL_POOLS,
+        "finetune.global_pool",
+        f"must be one of {', '.join(GLOBAL_POOLS)}, got '{f.global_pool}'",
+    )
+    _require(
+        0.0 < f.layer_decay <= 1.0,
+        "finetune.layer_decay",
+        f"must be in (0, 1], got {f.layer_decay}",
+    )
+    for key in ("drop_path", "smoothing", "model_ema"):
+        value = getattr(f, key)
+        _require(0.0 <= value < 1.0, f"finetune.{key}", f"must be in [0, 1), got {value}")
+    for key in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        value = getattr(f, key)
+        _require(0.0 <= value <= 1.0, f"finetune.{key}", f"must be in [0, 1], got {value}")
+    for key in ("mixup", "cutmix", "eval_every"):
+        value = getattr(f, key)
+        _require(value >= 0, f"finetune.{key}", f"must be >= 0 (0: off), got {value}")
+    _require(
+        f.auto_augment == "" or f.auto_augment.startswith("rand-"),
+        "finetune.auto_augment",
+        f"must be empty (off) or a timm RandAugment string like rand-m9-mstd0.5-inc1, "
+        f"got '{f.auto_augment}'",
+    )
+    _require(
+        cfg.data.batch_size % 2 == 0 or (f.mixup == 0 and f.cutmix == 0),
+        "data.batch_size",
+        f"must be even with mixup/cutmix (images are mixed in pairs), got {cfg.data.batch_size}",
+    )
 
 
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:

@@ -301,9 +301,10 @@ def pretrain(
         The run directory.
     """
     if cfg.method not in METHOD_CLASSES:
+        command = "maect finetune SOURCE" if cfg.method == "finetune" else "maect tune ... init=RUN"
         raise ConfigError(
             f"maect pretrain trains {', '.join(METHOD_CLASSES)}; {cfg.recipe or 'this config'} has "
-            f"method={cfg.method}, which tunes a pretrained encoder: maect tune ... init=RUN"
+            f"method={cfg.method}, which starts from a pretrained encoder: {command}"
         )
     run_dir = Path(out)
     prepare_run_dir(run_dir, cfg)

@@ -1,6 +1,7 @@
 """Data loaders that tolerate unreadable samples, with a training order and augmentation that do
 not depend on the number of devices, the number of workers or where a run was interrupted."""
 
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,9 +73,10 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
 
 
 class SeededItems(Dataset):
-    """``dataset[index]`` read with the torch generator seeded by the item's own seed (from
-    :class:`EpochShuffleSampler`), so random augmentations do not depend on the process or worker
-    that reads the item. The caller's generator state is restored afterwards."""
+    """``dataset[index]`` read with the torch, Python and NumPy generators seeded by the item's
+    own seed (from :class:`EpochShuffleSampler`; timm's transforms draw from Python's and NumPy's),
+    so random augmentations do not depend on the process or worker that reads the item. The
+    caller's generator states are restored afterwards."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -84,12 +86,16 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        state = torch.get_rng_state()
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         try:
             return self.dataset[index]
         finally:
-            torch.set_rng_state(state)
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 def collate_samples(items: list, pad: bool = False) -> dict:

@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
+from timm.data import auto_augment, create_transform
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -206,3 +208,49 @@ def multi_crop(
     ]
     local = augmented_view(local_size, channels, mean, std, local_scale, hflip, **LOCAL_VIEWS[name])
     return MultiView(*pair, *[local] * local_views)
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op with the behaviour it was written for: keeping 0 bits leaves a black
+    image (Pillow >= 12 raises instead, which RandAugment reaches at magnitude 10)."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def finetune_transform(
+    img_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    auto_augment_policy: str = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+) -> T.Compose:
+    """Fine-tuning augmentation of facebookresearch/mae (DeiT's, built by timm's
+    ``create_transform``): random resized crop (bicubic) + flip, RandAugment
+    ``auto_augment_policy`` (empty: none; no colour jitter either way), normalisation, random
+    erasing with probability ``reprob`` (per-pixel normal noise). timm's ops draw from Python's
+    and NumPy's generators, which the training loader seeds per sample
+    (:class:`maect.data.loader.SeededItems`)."""
+    stages = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=0.5 if hflip else 0.0,
+        color_jitter=None,
+        auto_augment=auto_augment_policy or None,
+        interpolation="bicubic",
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=reprob,
+        re_mode="pixel",
+        re_count=1,
+        separate=True,
+    )
+    for transform in stages[1].transforms:
+        for op in getattr(transform, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return T.Compose([match_channels(channels), T.ToPILImage(), *stages])

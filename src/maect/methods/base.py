@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
@@ -137,10 +138,12 @@ class PretrainMethod(LightningModule):
         self.guard.skipped = checkpoint.get("skipped_nonfinite", 0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Masks, noise and neighbour picks depend only on (seed, rank, epoch, batch): a resumed
-        # run draws what an uninterrupted one would, and ranks draw independently.
+        # Masks, noise, neighbour picks and mixup depend only on (seed, rank, epoch, batch): a
+        # resumed run draws what an uninterrupted one would, and ranks draw independently.
         t = self.cfg.trainer
-        torch.manual_seed(derive_seed(t.seed, self.global_rank, self.current_epoch, batch_idx))
+        seed = derive_seed(t.seed, self.global_rank, self.current_epoch, batch_idx)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # timm's Mixup draws from NumPy
         losses = self.compute_losses(batch)
         bad, means = self.guard.observe(losses, self.global_step, self.current_epoch, batch_idx)
         batch_size = len(batch["label"])

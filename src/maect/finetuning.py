@@ -1,0 +1,275 @@
+"""``maect finetune``: supervised end-to-end fine-tuning of a pretrained (or fresh) ViT.
+
+A fine-tuning run directory holds ``config.yaml``, ``checkpoints/``, ``metrics.csv`` (training
+loss, lr and the per-epoch ``val/top1``, ``val/top5``, ``val/loss``), and once finished
+``classifier.pt`` (timm format, see :func:`maect.checkpoints.save_classifier`) and
+``finetune.json`` (the final scores on the evaluation split). Training goes through the engine
+(:func:`maect.engine.fit_module`), so devices, precision, checkpoints, exact resume and the
+non-finite guard are those of pretraining. ``trainer.epochs=0`` only evaluates the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from maect.checkpoints import (
+    HEADS_BY_WIDTH,
+    CheckpointError,
+    holds_classifier,
+    load_classifier,
+    load_encoder,
+    save_classifier,
+)
+from maect.config import ConfigError, RunConfig
+from maect.data.datasets import (
+    ImageDataset,
+    SubsetDataset,
+    build_dataset,
+    normalization_stats,
+)
+from maect.data.loader import build_loader
+from maect.data.subset import balanced_subset
+from maect.data.transforms import eval_transform
+from maect.engine import fit_module, prepare_run_dir, resolve_precision, training_dataset
+from maect.evaluation.accuracy import accuracy_summary, classifier_counts
+from maect.evaluation.features import resolve_device
+from maect.methods.base import arch_from_config
+from maect.methods.finetune import FineTuning
+from maect.models.classifier import ViTClassifier, classifier_from_state
+from maect.models.vit import MaskedViT, ViTArch
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+RESULT_FILE = "finetune.json"
+PROTOCOL = "fine-tuning"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def require_labels(dataset: ImageDataset, cfg: RunConfig, split: str) -> None:
+    """Fine-tuning needs a label for every image."""
+    if (dataset.labels < 0).any():
+        raise ConfigError(
+            f"data.name={cfg.data.name}: the {split} split has unlabeled images; fine-tuning "
+            "needs labelled training and evaluation splits"
+        )
+
+
+def label_subset(dataset: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """The class-balanced ``fraction`` of ``dataset`` (at least one image per class), the same
+    images for the same seed; the dataset itself for ``fraction == 1``."""
+    if fraction >= 1.0:
+        return dataset
+    classes = int(torch.unique(dataset.labels).numel())
+    size = max(classes, round(fraction * len(dataset)))
+    return SubsetDataset(dataset, balanced_subset(dataset.labels, size, seed))
+
+
+def finetune_datasets(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset]:
+    """The labelled training images (``data.subset``, then ``data.label_fraction``) and the
+    evaluation split with the evaluation transform."""
+    d, m = cfg.data, cfg.model
+    train = training_dataset(cfg)
+    require_labels(train, cfg, "training")
+    train = label_subset(train, d.label_fraction, cfg.trainer.seed)
+    test = build_dataset(
+        d.name,
+        d.root,
+        train=False,
+        download=d.download,
+        strict=d.strict,
+        synthetic_size=d.synthetic_size,
+        img_size=m.img_size,
+        channels=m.in_chans,
+    )
+    require_labels(test, cfg, "evaluation")
+    mean, std = normalization_stats(d.name, m.in_chans)
+    source_size = test.load_image(0).shape[-1]
+    test.transform = eval_transform(m.img_size, source_size, m.in_chans, mean, std)
+    return train, test
+
+
+# --------------------------------------------------------------------------- source
+
+
+def check_arch(source: ViTArch, target: ViTArch, init: str) -> None:
+    """``source`` (the checkpoint's) must be ``target`` (``model.*``) up to the image size."""
+    diffs = {
+        name: getattr(source, name)
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        if getattr(source, name) != getattr(target, name)
+    }
+    if not diffs:
+        return
+    if "embed_dim" in diffs:  # the head count is not in the weights: the standard one
+        diffs["num_heads"] = HEADS_BY_WIDTH.get(source.embed_dim, max(1, source.embed_dim // 64))
+    fix = " ".join(f"model.{k}={v}" for k, v in diffs.items())
+    raise CheckpointError(
+        f"finetune.init={init} does not fit model.* of the recipe; add {fix} "
+        "(position embeddings are resampled to model.img_size; images are converted to "
+        "model.in_chans)"
+    )
+
+
+def source_classifier(cfg: RunConfig, num_classes: int) -> ViTClassifier:
+    """The classifier to fine-tune: ``finetune.init``'s weights (an encoder gets a new head; a
+    classifier keeps its head unless ``finetune.reset_head``) or, for ``scratch``, a fresh
+    MAE-initialised ViT of ``model.*`` with a new head."""
+    f, arch = cfg.finetune, arch_from_config(cfg)
+    if f.init == SCRATCH:
+        state = MaskedViT(arch).state_dict()
+    elif holds_classifier(f.init):
+        source = load_classifier(f.init, num_heads=cfg.model.num_heads)
+        check_arch(source.arch, arch, f.init)
+        if source.global_pool != f.global_pool:
+            raise CheckpointError(
+                f"finetune.init={f.init} is a classifier with global_pool={source.global_pool}; "
+                f"set finetune.global_pool={source.global_pool} (or finetune.reset_head=true "
+                "with a token-pooled source)"
+            )
+        state = source.state_dict()
+        if f.reset_head:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        elif source.num_classes != num_classes:
+            raise CheckpointError(
+                f"finetune.init={f.init} has a {source.num_classes}-class head (head.weight) "
+                f"but data.name={cfg.data.name} has {num_classes} classes; set "
+                "finetune.reset_head=true to fine-tune it with a new head"
+            )
+    else:
+        encoder = load_encoder(f.init, num_heads=cfg.model.num_heads)
+        check_arch(encoder.arch, arch, f.init)
+        state = encoder.state_dict()
+    try:
+        return classifier_from_state(state, arch, num_classes, f.global_pool, f.drop_path)
+    except ValueError as err:
+        raise CheckpointError(f"finetune.init={f.init}: {err}") from None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def result_record(
+    cfg: RunConfig, scores: dict[str, dict[str, float]], train_images: int
+) -> dict[str, Any]:
+    """``finetune.json``: the exported model's scores (accuracies in percent on the evaluation
+    split) and what produced them."""
+    exported = scores.get("val_ema", scores["val"])
+    record = {
+        "protocol": PROTOCOL,
+        "top1": exported["top1"],
+        "top5": exported["top5"],
+        "loss": exported["loss"],
+        "eval_images": exported["images"],
+        "epochs": cfg.trainer.epochs,
+        "label_fraction": cfg.data.label_fraction,
+        "train_images": train_images,
+        "source": cfg.finetune.init,
+        "dataset": cfg.data.name,
+        "recipe": cfg.recipe,
+        "seed": cfg.trainer.seed,
+        "global_pool": cfg.finetune.global_pool,
+        "model_ema": cfg.finetune.model_ema,
+    }
+    if "val_ema" in scores:
+        record["online"] = scores["val"]
+    return record
+
+
+def evaluate_only(cfg: RunConfig, classifier: ViTClassifier, dataset: ImageDataset) -> dict:
+    """Scores of ``classifier`` on ``dataset`` in this process (``trainer.epochs=0``)."""
+    accelerator = cfg.trainer.accelerator
+    device = resolve_device("cpu" if accelerator == "cpu" else "auto")
+    loader = build_loader(
+        dataset, cfg.data.batch_size, cfg.data.num_workers, shuffle=False, drop_last=False
+    )
+    bf16 = "bf16" in resolve_precision(cfg.trainer.precision)
+    counts = classifier_counts(classifier.to(device), loader, device, bf16)
+    return {"val": accuracy_summary(counts)}
+
+
+def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
+    """Fine-tune ``cfg.finetune.init`` on ``cfg.data`` into run directory ``out`` (resuming an
+    interrupted run), then write ``classifier.pt`` and ``finetune.json``.
+
+    Args:
+        cfg: Validated configuration of method ``finetune``.
+        out: Run directory.
+        dev_run: If > 0, run only this many batches (Lightning ``fast_dev_run``), no outputs.
+
+    Returns:
+        The run directory.
+    """
+    if cfg.method != "finetune":
+        raise ConfigError(
+            f"recipe={cfg.recipe} is a {cfg.method} recipe; maect finetune takes a finetune/ "
+            "recipe (maect recipes lists them)"
+        )
+    run_dir = Path(out)
+    train, test = finetune_datasets(cfg)  # bad data and sources fail before the run directory
+    classifier = source_classifier(cfg, train.num_classes)
+    prepare_run_dir(run_dir, cfg)
+    if (run_dir / RESULT_FILE).is_file() and not dev_run:
+        log.warning("%s is complete (%s exists); nothing to do", run_dir, RESULT_FILE)
+        return run_dir
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    if cfg.trainer.epochs == 0:
+        scores, exported, main = evaluate_only(cfg, classifier, test), classifier, True
+    else:
+        module = FineTuning(cfg, classifier, test)
+        train.transform = module.train_transform()
+        trainer = fit_module(cfg, module, train, run_dir, [], dev_run)
+        if not module.scores:  # resumed after the last epoch's checkpoint: score again
+            module.trainer = trainer
+            module.scores = module.evaluate()
+        scores, exported, main = module.scores, module.export_classifier(), trainer.is_global_zero
+    if main and not dev_run:
+        save_classifier(exported, run_dir / "classifier.pt")
+        record = result_record(cfg, scores, len(train))
+        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        log.info("fine-tuned top-1 %.2f %%, top-5 %.2f %%", record["top1"], record["top5"])
+    if cfg.trainer.epochs > 0:
+        trainer.strategy.barrier(RESULT_FILE)  # a next pipeline stage on any rank reads it
+    return run_dir
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def aggregate(paths: list[str | Path]) -> dict[str, Any]:
+    """Mean and sample standard deviation of top-1 / top-5 over several ``finetune.json`` files
+    (or run directories), e.g. the seeds of one label fraction. The runs must share protocol,
+    dataset, label fraction and epochs."""
+    records = []
+    for path in paths:
+        path = Path(path)
+        file = path / RESULT_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"no {RESULT_FILE} at {path}")
+        records.append(json.loads(file.read_text()))
+    shared = ("protocol", "dataset", "label_fraction", "epochs")
+    for key in shared:
+        values = {json.dumps(r.get(key)) for r in records}
+        if len(values) > 1:
+            raise ConfigError(f"runs differ in {key} ({', '.join(sorted(values))}); not aggregated")
+    summary: dict[str, Any] = {key: records[0].get(key) for key in shared}
+    summary["runs"] = len(records)
+    summary["seeds"] = [r.get("seed") for r in records]
+    for metric in ("top1", "top5"):
+        values = [float(r[metric]) for r in records]
+        summary[metric] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "values": values,
+        }
+    return summary

@@ -1,0 +1,319 @@
+"""`maect finetune`: layer-wise lr against timm, mixup/cutmix against timm, learning on separable
+data, label-fraction subsets, facebookresearch/mae and timm interop, transfer, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import types
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.data import Mixup
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
+
+from maect.checkpoints import CheckpointError, load_classifier, save_encoder
+from maect.cli import main
+from maect.config import ConfigError, load_config
+from maect.data.datasets import make_synthetic
+from maect.finetuning import aggregate, finetune, finetune_datasets, label_subset
+from maect.methods.base import arch_from_config
+from maect.methods.finetune import FineTuning
+from maect.models.classifier import ViTClassifier, classifier_from_state
+from maect.models.vit import MaskedViT, ViTArch
+from tests.conftest import TINY_OVERRIDES
+
+RECIPE = "finetune/fmnist_vit_t"
+# Tiny ViT on synthetic class templates; the spatial augmentations are off because the templates
+# are pixel noise (a crop of one is not that class any more); mixup and cutmix stay on.
+FT_TINY = [
+    *TINY_OVERRIDES,
+    "data.synthetic_size=512",
+    "data.batch_size=32",
+    "data.crop_scale=[1.0,1.0]",
+    "data.hflip=false",
+    "finetune.auto_augment=",
+    "finetune.reprob=0",
+    "optim.base_lr=4e-3",
+]
+TINY_ARCH = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2}
+
+
+def _cfg(*overrides: str, init: str = "scratch"):
+    return load_config(RECIPE, [*FT_TINY, f"finetune.init={init}", *overrides])
+
+
+def _module(cfg) -> FineTuning:
+    classifier = classifier_from_state(
+        MaskedViT(arch_from_config(cfg)).state_dict(), arch_from_config(cfg), 10, "avg", 0.1
+    )
+    return FineTuning(cfg, classifier, make_synthetic(20, train=False))
+
+
+def _cli_error(capsys, *args: str) -> str:
+    logger = logging.getLogger("maect")
+    handlers = list(logger.handlers)
+    try:
+        assert main(list(args)) == 2
+    finally:
+        logger.handlers = handlers
+    *_, err = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("maect finetune: error: "), err
+    return err
+
+
+def test_layer_decay_lr_of_every_group(tmp_path):
+    cfg = _cfg("model.depth=3", "finetune.layer_decay=0.6")
+    module = _module(cfg)
+    module.trainer = types.SimpleNamespace(
+        accumulate_grad_batches=1, world_size=1, estimated_stepping_batches=10
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
+    depth, decay, base = 3, 0.6, module.peak_lr
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    timm_scale = {
+        id(p): g["lr_scale"]
+        for g in param_groups_layer_decay(module.classifier, 0.05, layer_decay=decay)
+        for p in g["params"]
+    }
+    names = dict(module.classifier.named_parameters())
+    assert set(lr_of) == set(timm_scale) == {id(p) for p in names.values()}  # EMA-free, all
+    for name, param in names.items():
+        if name.startswith("blocks."):
+            expected = decay ** (depth - int(name.split(".")[1]))
+        elif name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            expected = decay ** (depth + 1)
+        else:  # fc_norm and head
+            expected = 1.0
+        assert lr_of[id(param)] == pytest.approx(base * expected), name
+        assert timm_scale[id(param)] == pytest.approx(expected), name
+    assert names["pos_embed"].requires_grad  # learned while fine-tuning, as in fb/mae
+
+
+@pytest.mark.parametrize("alphas", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0)])
+def test_mixup_cutmix_targets_sum_to_one_and_match_timm(alphas):
+    mixup, cutmix = alphas
+    cfg = _cfg(f"finetune.mixup={mixup}", f"finetune.cutmix={cutmix}", "finetune.smoothing=0.1")
+    module = _module(cfg)
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    reference = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1, num_classes=10)
+    for seed in range(4):
+        np.random.seed(seed)
+        got_x, got_y = module.mixup(images.clone(), labels)
+        np.random.seed(seed)
+        want_x, want_y = reference(images.clone(), labels)
+        assert torch.equal(got_x, want_x) and torch.equal(got_y, want_y)
+        assert torch.allclose(got_y.sum(dim=1), torch.ones(8))
+        assert (got_y >= 0).all()
+
+
+def test_training_step_seeds_numpy_by_position():
+    """Mixup draws from NumPy: the base step seeds it from (seed, rank, epoch, batch)."""
+    module = _module(_cfg())
+    draws = []
+
+    def losses(batch):
+        draws.append(np.random.rand())
+        return {"loss": torch.tensor(1.0)}
+
+    module.compute_losses = losses
+    module.nonfinite_step = lambda losses, batch_idx: False
+    module.log = lambda *args, **kwargs: None
+    module.lr_schedulers = lambda: types.SimpleNamespace(get_last_lr=lambda: [0.0])
+    module._trainer = types.SimpleNamespace(current_epoch=0, global_rank=0)
+    batch = {"image": torch.zeros(2, 1, 28, 28), "label": torch.zeros(2, dtype=torch.long)}
+    for batch_idx in (0, 1, 0):
+        np.random.seed(123)  # whatever came before
+        module.training_step(batch, batch_idx)
+    assert draws[0] == draws[2] != draws[1]
+
+
+def test_finetuning_learns_separable_data_and_exports_timm_format(tmp_path):
+    cfg = _cfg("trainer.epochs=3")
+    run = finetune(cfg, tmp_path / "ft")
+    result = json.loads((run / "finetune.json").read_text())
+    assert result["top1"] >= 85.0  # chance is 10 %
+    assert result["protocol"] == "fine-tuning" and result["epochs"] == 3
+    assert result["label_fraction"] == 1.0 and result["source"] == "scratch"
+    with open(run / "metrics.csv") as f:
+        curve = [
+            (int(r["epoch"]), float(r["val/top1"])) for r in csv.DictReader(f) if r["val/top1"]
+        ]
+    assert [epoch for epoch, _ in curve] == [0, 1, 2] and curve[-1][1] == result["top1"]
+
+    saved = torch.load(run / "classifier.pt", weights_only=True)
+    assert saved["global_pool"] == "avg" and saved["num_classes"] == 10
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=10,
+        global_pool="avg",
+        num_heads=2,
+        **TINY_ARCH,
+    )
+    model.load_state_dict(saved["model"], strict=True)  # timm's own ViT, strict keys
+    ours = load_classifier(run)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(model.eval()(x), ours(x), atol=1e-6)
+
+    mtime = (run / "classifier.pt").stat().st_mtime
+    finetune(cfg, run)  # complete: nothing is retrained
+    assert (run / "classifier.pt").stat().st_mtime == mtime
+
+
+def _fb_mae_finetuned(path, num_classes: int = 10) -> dict[str, torch.Tensor]:
+    """A randomly initialised tiny ViT saved as facebookresearch/mae saves a fine-tuned
+    ``global_pool`` model: ``{"model": ...}`` whose final ``norm`` was replaced by ``fc_norm``."""
+    torch.manual_seed(3)
+    vit = VisionTransformer(num_classes=num_classes, global_pool="token", num_heads=2, **TINY_ARCH)
+    state = {}
+    for key, value in vit.state_dict().items():
+        key = key.replace("norm.", "fc_norm.") if key.startswith("norm.") else key
+        state[key] = torch.randn_like(value) * 0.1 if value.ndim else value
+    torch.save({"model": state, "epoch": 99, "args": None}, path)
+    return state
+
+
+def test_fb_mae_finetuned_checkpoint_logits_equal_timm_global_avg(tmp_path):
+    state = _fb_mae_finetuned(tmp_path / "checkpoint-99.pth")
+    ours = load_classifier(tmp_path / "checkpoint-99.pth", num_heads=2)  # not in the weights
+    timm_avg = VisionTransformer(num_classes=10, global_pool="avg", num_heads=2, **TINY_ARCH)
+    timm_avg.load_state_dict(state, strict=True)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        want = timm_avg.eval()(x)
+        got = ours(x)
+        # fb/mae's forward, written out: blocks, mean of the patch tokens, fc_norm, head
+        tokens = timm_avg.blocks(timm_avg._pos_embed(timm_avg.patch_embed(x)))
+        manual = timm_avg.head(timm_avg.fc_norm(tokens[:, 1:].mean(dim=1)))
+    assert ours.global_pool == "avg" and torch.equal(got, want)
+    assert torch.allclose(manual, want, atol=1e-6)
+
+
+def test_fb_mae_finetuned_checkpoint_evaluates_with_zero_epochs(tmp_path):
+    state = _fb_mae_finetuned(tmp_path / "ft.pth")
+    run = tmp_path / "eval"
+    assert main(["finetune", str(tmp_path / "ft.pth"), f"recipe={RECIPE}", f"out={run}",
+                 *FT_TINY, "model.num_heads=2", "trainer.epochs=0"]) == 0  # fmt: skip
+    result = json.loads((run / "finetune.json").read_text())
+    timm_avg = VisionTransformer(num_classes=10, global_pool="avg", num_heads=2, **TINY_ARCH)
+    timm_avg.load_state_dict(state)
+    _, test = finetune_datasets(_cfg())
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        predictions = timm_avg.eval()(images).argmax(dim=1)
+    expected = 100.0 * (predictions == test.labels).float().mean().item()
+    assert result["top1"] == pytest.approx(expected) and result["epochs"] == 0
+    assert result["eval_images"] == len(test)
+
+
+def test_label_fraction_is_class_balanced_and_seed_stable():
+    dataset = make_synthetic(1000, train=True)
+    a = label_subset(dataset, 0.1, seed=0)
+    b = label_subset(dataset, 0.1, seed=0)
+    c = label_subset(dataset, 0.1, seed=1)
+    assert len(a) == 100 and torch.equal(a.indices, b.indices)
+    assert not torch.equal(a.indices, c.indices)
+    assert torch.bincount(a.labels, minlength=10).tolist() == [10] * 10
+    assert label_subset(dataset, 1.0, seed=0) is dataset
+    train, _ = finetune_datasets(_cfg("data.label_fraction=0.25"))
+    assert len(train) == 128 and torch.bincount(train.labels).tolist() == [13] * 8 + [12] * 2
+
+
+def test_aggregate_over_seeds(tmp_path):
+    values = [81.0, 83.5, 82.0]
+    for seed, top1 in enumerate(values):
+        record = {"protocol": "fine-tuning", "dataset": "d", "label_fraction": 0.1, "epochs": 2,
+                  "seed": seed, "top1": top1, "top5": 99.0}  # fmt: skip
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(record))
+    summary = aggregate([tmp_path / f"s{s}.json" for s in range(3)])
+    assert summary["top1"]["mean"] == pytest.approx(statistics.fmean(values))
+    assert summary["top1"]["std"] == pytest.approx(statistics.stdev(values))
+    assert summary["runs"] == 3 and summary["seeds"] == [0, 1, 2]
+    other = json.loads((tmp_path / "s0.json").read_text()) | {"label_fraction": 1.0}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="label_fraction"):
+        aggregate([tmp_path / "s1.json", tmp_path / "other.json"])
+
+
+def test_transfer_resamples_positions_and_converts_channels(tmp_path):
+    source = ViTArch(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    encoder = MaskedViT(source)
+    save_encoder(encoder, tmp_path / "encoder.pt")
+    cfg = _cfg("model.img_size=32", "data.synthetic_size=64", init=str(tmp_path / "encoder.pt"))
+    run = finetune(cfg, tmp_path / "ft")  # synthetic data drawn at 32 px, model 28 -> 32 px
+    model = load_classifier(run)
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 32) and model.arch.img_size == 32
+    same = classifier_from_state(encoder.state_dict(), source, 10, "token")
+    assert torch.equal(same.pos_embed, encoder.pos_embed)  # same grid: unchanged
+    assert torch.equal(same.norm.weight, encoder.norm.weight)  # token pooling keeps the norm
+
+
+def test_classifier_source_keeps_its_head_unless_reset(tmp_path):
+    _fb_mae_finetuned(tmp_path / "ft.pth", num_classes=10)
+    cfg = _cfg("model.num_heads=2", "trainer.epochs=0", init=str(tmp_path / "ft.pth"))
+    from maect.finetuning import source_classifier
+
+    kept = source_classifier(cfg, 10)
+    assert torch.equal(kept.head.weight, load_classifier(tmp_path / "ft.pth", 2).head.weight)
+    reset = source_classifier(load_config(RECIPE, [*FT_TINY, "model.num_heads=2",
+                              f"finetune.init={tmp_path / 'ft.pth'}",
+                              "finetune.reset_head=true"]), 7)  # fmt: skip
+    assert reset.head.weight.shape == (7, 32) and reset.head.weight.abs().max() < 1e-3
+    assert isinstance(reset, ViTClassifier)
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "message"),
+    [
+        ("pixels", [], "finetune.init is 'pixels'"),
+        ("scratch", ["data.label_fraction=0"], "data.label_fraction must be in (0, 1]"),
+        ("scratch", ["data.label_fraction=1.5"], "data.label_fraction must be in (0, 1]"),
+        ("scratch", ["data.batch_size=15"], "data.batch_size must be even with mixup"),
+        ("scratch", ["finetune.global_pool=max"], "finetune.global_pool must be one of"),
+        ("{tmp}/five.pth", ["model.num_heads=2"], "has a 5-class head (head.weight)"),
+        (
+            "{tmp}/ft.pth",
+            ["finetune.global_pool=token", "model.num_heads=2"],
+            "set finetune.global_pool=avg",
+        ),  # fmt: skip
+        ("{tmp}/ft.pth", ["model.embed_dim=64"], "add model.embed_dim=32"),
+        ("{tmp}/missing.pt", [], "checkpoint not found"),
+    ],
+)
+def test_bad_input_gives_one_line_errors_naming_the_key(
+    capsys, tmp_path, source, overrides, message
+):
+    _fb_mae_finetuned(tmp_path / "five.pth", num_classes=5)
+    _fb_mae_finetuned(tmp_path / "ft.pth")
+    source = source.format(tmp=tmp_path)
+    args = ["finetune", source, f"recipe={RECIPE}", f"out={tmp_path / 'run'}", *FT_TINY, *overrides]
+    assert message in _cli_error(capsys, *args)
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_dataset_without_labels_is_refused(capsys, tmp_path, monkeypatch):
+    unlabeled = make_synthetic(64, train=True)
+    unlabeled.labels[:] = -1
+    monkeypatch.setattr("maect.finetuning.training_dataset", lambda cfg: unlabeled)
+    err = _cli_error(
+        capsys, "finetune", "scratch", f"recipe={RECIPE}", f"out={tmp_path}/r", *FT_TINY
+    )
+    assert "data.name=synthetic: the training split has unlabeled images" in err
+
+
+def test_pretrain_refuses_a_finetune_recipe(tmp_path):
+    from maect.engine import pretrain
+
+    with pytest.raises(ConfigError, match="use maect finetune"):
+        pretrain(_cfg(), tmp_path / "run")
+    with pytest.raises(ConfigError, match="applies to fine-tuning only"):
+        load_config("mae/fmnist_vit_t", ["data.label_fraction=0.5"])
+    with pytest.raises(CheckpointError, match="holds no classifier"):
+        save_encoder(MaskedViT(ViTArch(**TINY_ARCH, num_heads=2)), tmp_path / "e.pt")
+        load_classifier(tmp_path / "e.pt")
