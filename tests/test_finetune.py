@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import random
 import statistics
 import types
 
@@ -317,3 +318,22 @@ def test_pretrain_refuses_a_finetune_recipe(tmp_path):
     with pytest.raises(CheckpointError, match="holds no classifier"):
         save_encoder(MaskedViT(ViTArch(**TINY_ARCH, num_heads=2)), tmp_path / "e.pt")
         load_classifier(tmp_path / "e.pt")
+
+
+def test_augmentation_is_a_function_of_the_sample_seed():
+    """timm's RandAugment / erasing draw from Python's and NumPy's generators: the loader seeds
+    them per sample and restores the caller's states."""
+    from maect.data.loader import SeededItems
+
+    module = _module(load_config(RECIPE, ["finetune.init=scratch", "data.name=synthetic"]))
+    dataset = make_synthetic(4, train=True)
+    dataset.transform = module.train_transform()
+    items = SeededItems(dataset)
+    random.seed(5)
+    np.random.seed(5)
+    views = [items[(0, seed)][0] for seed in (7, 7, 8)]
+    after = random.random(), np.random.rand()
+    assert torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
+    random.seed(5)
+    np.random.seed(5)
+    assert (random.random(), np.random.rand()) == after  # the caller's streams are untouched

@@ -79,9 +79,21 @@ def _tune_setup(tmp_path: Path, method: str) -> tuple[list[str], list[str]]:
     return ["tune", f"recipe={method}/fmnist_vit_t", f"init={init}"], extra
 
 
-@pytest.mark.parametrize("case", ["mae", "can", "maect", "refiner", "mae-shards", "can-device"])
+def _finetune_setup(tmp_path: Path) -> list[str]:
+    """Fine-tuning a saved encoder with every augmentation of the recipe on (RandAugment, random
+    erasing, mixup / cutmix draw from Python's and NumPy's generators)."""
+    init = tmp_path / "init.pt"
+    torch.manual_seed(0)
+    save_encoder(MaskedViT(arch_from_config(load_config("mae/fmnist_vit_t", COMMON))), init)
+    return ["finetune", str(init), "recipe=finetune/fmnist_vit_t"]
+
+
+CASES = ["mae", "can", "maect", "refiner", "mae-shards", "can-device", "finetune"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
-    subdir = ""
+    subdir, result = "", "encoder.pt"
     if case in TUNE_OVERRIDES:
         args, extra = _tune_setup(tmp_path, case)
         subdir = "tune"
@@ -92,6 +104,8 @@ def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
         extra = ["data.name=shards", f"data.root={root}", "data.num_workers=1"]
     elif case == "can-device":  # colour operations batched after the transfer
         args, extra = _pretrain("can/fmnist_vit_t"), ["data.augment_on=device"]
+    elif case == "finetune":
+        args, extra, result = _finetune_setup(tmp_path), [], "classifier.pt"
     else:
         args, extra = _pretrain(f"{case}/fmnist_vit_t"), []
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -109,7 +123,7 @@ def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
     time.sleep(random.uniform(0.0, 0.1))
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
-    assert not (killed / "encoder.pt").exists()
+    assert not (killed / result).exists()
     killed_at = _step(last)
 
     rerun = _run(_command(args, killed, extra), tmp_path / "rerun.log")
@@ -130,9 +144,7 @@ def test_sigkill_then_same_command_gives_the_same_run(tmp_path, case):
     ):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert a["lr_schedulers"] == b["lr_schedulers"]
-    encoders = [
-        torch.load(run / "encoder.pt", weights_only=True)["model"] for run in (whole, killed)
-    ]
+    encoders = [torch.load(run / result, weights_only=True)["model"] for run in (whole, killed)]
     for key, value in encoders[0].items():
         assert torch.equal(encoders[1][key], value), key
 

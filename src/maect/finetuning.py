@@ -216,13 +216,13 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
             "recipe (maect recipes lists them)"
         )
     run_dir = Path(out)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the new head's init
     train, test = finetune_datasets(cfg)  # bad data and sources fail before the run directory
     classifier = source_classifier(cfg, train.num_classes)
     prepare_run_dir(run_dir, cfg)
     if (run_dir / RESULT_FILE).is_file() and not dev_run:
         log.warning("%s is complete (%s exists); nothing to do", run_dir, RESULT_FILE)
         return run_dir
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     if cfg.trainer.epochs == 0:
         scores, exported, main = evaluate_only(cfg, classifier, test), classifier, True
     else:
