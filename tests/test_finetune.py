@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
+from PIL import Image
 from timm.data import Mixup
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
@@ -27,6 +29,7 @@ from maect.methods.base import arch_from_config
 from maect.methods.finetune import FineTuning
 from maect.models.classifier import ViTClassifier, classifier_from_state
 from maect.models.vit import MaskedViT, ViTArch
+from maect.pipeline import load_pipeline, run_pipeline
 from tests.conftest import TINY_OVERRIDES
 
 RECIPE = "finetune/fmnist_vit_t"
@@ -199,8 +202,20 @@ def test_fb_mae_finetuned_checkpoint_logits_equal_timm_global_avg(tmp_path):
 def test_fb_mae_finetuned_checkpoint_evaluates_with_zero_epochs(tmp_path):
     state = _fb_mae_finetuned(tmp_path / "ft.pth")
     run = tmp_path / "eval"
-    assert main(["finetune", str(tmp_path / "ft.pth"), f"recipe={RECIPE}", f"out={run}",
-                 *FT_TINY, "model.num_heads=2", "trainer.epochs=0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                str(tmp_path / "ft.pth"),
+                f"recipe={RECIPE}",
+                f"out={run}",
+                *FT_TINY,
+                "model.num_heads=2",
+                "trainer.epochs=0",
+            ]
+        )
+        == 0
+    )
     result = json.loads((run / "finetune.json").read_text())
     timm_avg = VisionTransformer(num_classes=10, global_pool="avg", num_heads=2, **TINY_ARCH)
     timm_avg.load_state_dict(state)
@@ -229,8 +244,15 @@ def test_label_fraction_is_class_balanced_and_seed_stable():
 def test_aggregate_over_seeds(tmp_path):
     values = [81.0, 83.5, 82.0]
     for seed, top1 in enumerate(values):
-        record = {"protocol": "fine-tuning", "dataset": "d", "label_fraction": 0.1, "epochs": 2,
-                  "seed": seed, "top1": top1, "top5": 99.0}  # fmt: skip
+        record = {
+            "protocol": "fine-tuning",
+            "dataset": "d",
+            "label_fraction": 0.1,
+            "epochs": 2,
+            "seed": seed,
+            "top1": top1,
+            "top5": 99.0,
+        }
         (tmp_path / f"s{seed}.json").write_text(json.dumps(record))
     summary = aggregate([tmp_path / f"s{s}.json" for s in range(3)])
     assert summary["top1"]["mean"] == pytest.approx(statistics.fmean(values))
@@ -242,14 +264,30 @@ def test_aggregate_over_seeds(tmp_path):
         aggregate([tmp_path / "s1.json", tmp_path / "other.json"])
 
 
-def test_transfer_resamples_positions_and_converts_channels(tmp_path):
+def _rgb_folder(root, size: int = 32) -> None:
+    """An ImageFolder tree of RGB images: class ``dark`` and class ``bright``."""
+    for split, count in (("train", 16), ("val", 4)):
+        for label, level in (("dark", 40), ("bright", 200)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((size, size, 3), level + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_transfer_to_rgb_images_of_another_size(tmp_path):
+    """A 1-channel 28-px encoder fine-tuned on 3-channel 32-px images: the images are converted
+    to the encoder's channels, the position embeddings resampled to the new grid."""
     source = ViTArch(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
     encoder = MaskedViT(source)
     save_encoder(encoder, tmp_path / "encoder.pt")
-    cfg = _cfg("model.img_size=32", "data.synthetic_size=64", init=str(tmp_path / "encoder.pt"))
-    run = finetune(cfg, tmp_path / "ft")  # synthetic data drawn at 32 px, model 28 -> 32 px
+    _rgb_folder(tmp_path / "data")
+    data = ["data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.batch_size=8"]
+    cfg = _cfg("model.img_size=32", *data, "trainer.epochs=1", init=str(tmp_path / "encoder.pt"))
+    run = finetune(cfg, tmp_path / "ft")
     model = load_classifier(run)
-    assert model.pos_embed.shape == (1, 1 + 8 * 8, 32) and model.arch.img_size == 32
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 32) and model.arch.in_chans == 1
+    assert json.loads((run / "finetune.json").read_text())["eval_images"] == 8
     same = classifier_from_state(encoder.state_dict(), source, 10, "token")
     assert torch.equal(same.pos_embed, encoder.pos_embed)  # same grid: unchanged
     assert torch.equal(same.norm.weight, encoder.norm.weight)  # token pooling keeps the norm
@@ -262,9 +300,18 @@ def test_classifier_source_keeps_its_head_unless_reset(tmp_path):
 
     kept = source_classifier(cfg, 10)
     assert torch.equal(kept.head.weight, load_classifier(tmp_path / "ft.pth", 2).head.weight)
-    reset = source_classifier(load_config(RECIPE, [*FT_TINY, "model.num_heads=2",
-                              f"finetune.init={tmp_path / 'ft.pth'}",
-                              "finetune.reset_head=true"]), 7)  # fmt: skip
+    reset = source_classifier(
+        load_config(
+            RECIPE,
+            [
+                *FT_TINY,
+                "model.num_heads=2",
+                f"finetune.init={tmp_path / 'ft.pth'}",
+                "finetune.reset_head=true",
+            ],
+        ),
+        7,
+    )
     assert reset.head.weight.shape == (7, 32) and reset.head.weight.abs().max() < 1e-3
     assert isinstance(reset, ViTClassifier)
 
@@ -282,7 +329,7 @@ def test_classifier_source_keeps_its_head_unless_reset(tmp_path):
             "{tmp}/ft.pth",
             ["finetune.global_pool=token", "model.num_heads=2"],
             "set finetune.global_pool=avg",
-        ),  # fmt: skip
+        ),
         ("{tmp}/ft.pth", ["model.embed_dim=64"], "add model.embed_dim=32"),
         ("{tmp}/missing.pt", [], "checkpoint not found"),
     ],
@@ -337,3 +384,69 @@ def test_augmentation_is_a_function_of_the_sample_seed():
     random.seed(5)
     np.random.seed(5)
     assert (random.random(), np.random.rand()) == after  # the caller's streams are untouched
+
+
+def test_pipeline_pretrains_then_finetunes_over_seeds(tmp_path):
+    spec = {
+        "description": "tiny pretrain -> fine-tune",
+        "overrides": ["trainer.epochs=1", *TINY_OVERRIDES],
+        "stages": [
+            {"name": "mae", "command": "pretrain", "recipe": "mae/fmnist_vit_t"},
+            {
+                "name": "ft_mae",
+                "command": "finetune",
+                "recipe": RECIPE,
+                "init": "mae",
+                "seeds": [0, 1],
+                "overrides": FT_TINY,
+            },
+            {
+                "name": "ft_scratch",
+                "command": "finetune",
+                "recipe": RECIPE,
+                "init": "scratch",
+                "overrides": FT_TINY,
+            },
+        ],
+        "comparisons": [
+            {
+                "method": "ft_mae",
+                "baseline": "ft_scratch",
+                "metrics": ["finetune.top1"],
+                "claim": "pretraining helps",
+            },
+        ],
+    }
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    summary = run_pipeline(str(recipe), str(tmp_path / "out"))
+    out = tmp_path / "out"
+    runs = [json.loads((out / "ft_mae" / f"seed{s}" / "finetune.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["source"] == str(out / "mae")
+    result = summary["results"]["ft_mae"]["finetune"]
+    assert result["top1"] == pytest.approx(statistics.fmean(r["top1"] for r in runs))
+    assert result["runs"] == 2 and result["top1_std"] >= 0
+    scratch = summary["results"]["ft_scratch"]["finetune"]
+    delta = summary["comparisons"][0]["deltas"]["finetune.top1"]
+    assert delta == pytest.approx(result["top1"] - scratch["top1"])
+    table = (out / "results.md").read_text()
+    assert "| ft_mae | mae | 100 % | 1 | 2 |" in table and "| ft_scratch | scratch |" in table
+
+
+def test_pipeline_refuses_bad_finetune_stages(tmp_path):
+    def load(stages, evaluate=()):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"stages": stages, "evaluate": list(evaluate)}))
+        return load_pipeline(str(path))
+
+    ft = {"name": "ft", "command": "finetune", "recipe": RECIPE, "init": "later"}
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\].init must name an earlier stage or scratch"
+    ):
+        load([ft])
+    with pytest.raises(ConfigError, match="'ft' is a finetune stage"):
+        load([{**ft, "init": "scratch"}], evaluate=["ft"])
+    pre = {"name": "mae", "command": "pretrain", "recipe": "mae/fmnist_vit_t", "seeds": [0]}
+    with pytest.raises(ConfigError, match="seeds applies to finetune stages only"):
+        load([pre])

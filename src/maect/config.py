@@ -27,6 +27,7 @@ AUGMENT_ON = ("loader", "device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 CPU_MATMULS = ("auto", "onednn", "default")
 GLOBAL_POOLS = ("avg", "token")
+SCRATCH = "scratch"  # finetune.init of a randomly initialised ViT
 
 
 class ConfigError(ValueError):
@@ -674,11 +675,6 @@ def validate_refiner(cfg: RunConfig) -> None:
 def validate_finetune(cfg: RunConfig) -> None:
     """Rules of the ``finetune`` section."""
     f = cfg.finetune
-    _require(
-        bool(f.init),
-        "finetune.init",
-        "is empty: name the encoder to fine-tune (a run directory, a checkpoint, or scratch)",
-    )
     _require(
         f.init != "pixels",
         "finetune.init",

@@ -28,7 +28,7 @@ from maect.checkpoints import (
     load_encoder,
     save_classifier,
 )
-from maect.config import ConfigError, RunConfig
+from maect.config import SCRATCH, ConfigError, RunConfig
 from maect.data.datasets import (
     ImageDataset,
     SubsetDataset,
@@ -48,7 +48,6 @@ from maect.models.vit import MaskedViT, ViTArch
 
 log = logging.getLogger(__name__)
 
-SCRATCH = "scratch"
 RESULT_FILE = "finetune.json"
 PROTOCOL = "fine-tuning"
 
@@ -214,6 +213,11 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
         raise ConfigError(
             f"recipe={cfg.recipe} is a {cfg.method} recipe; maect finetune takes a finetune/ "
             "recipe (maect recipes lists them)"
+        )
+    if not cfg.finetune.init:
+        raise ConfigError(
+            "finetune.init is empty: name the encoder to fine-tune (a run directory, a "
+            f"checkpoint, or {SCRATCH})"
         )
     run_dir = Path(out)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the new head's init

@@ -1,14 +1,18 @@
-"""``maect run``: chain pretraining, MAE-CT tuning and evaluation, then compare the methods.
+"""``maect run``: chain pretraining, MAE-CT tuning, fine-tuning and evaluation, then compare.
 
 A pipeline recipe (``recipes/pipelines/*.yaml``) names stages; each stage is a run directory
-``<out>/<stage name>`` made by ``pretrain`` or ``tune`` (a ``tune`` stage names its ``init`` stage),
-so a finished stage is skipped and an interrupted one resumes. Evaluation writes ``eval.json`` in
-each evaluated directory (``<out>/pixels`` for the raw-pixel baseline) and is skipped when that
-file exists. The comparison goes to stdout, ``results.json`` and ``results.md``.
+``<out>/<stage name>`` made by ``pretrain``, ``tune`` or ``finetune`` (``tune`` and ``finetune``
+stages name their ``init`` stage; ``finetune`` also takes ``scratch``), so a finished stage is
+skipped and an interrupted one resumes. A ``finetune`` stage with ``seeds`` runs once per seed in
+``<out>/<stage name>/seed<k>`` and reports the mean and standard deviation. Evaluation writes
+``eval.json`` in each evaluated directory (``<out>/pixels`` for the raw-pixel baseline) and is
+skipped when that file exists; fine-tuning stages are scored by their ``finetune.json``. The
+comparison goes to stdout, ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -18,9 +22,11 @@ from typing import Any
 
 import torch
 
-from maect.config import ConfigError, from_dict, load_config, read_recipe
+from maect.config import SCRATCH, ConfigError, from_dict, load_config, read_recipe
 
-COMMANDS = ("pretrain", "tune")
+COMMANDS = ("pretrain", "tune", "finetune")
+# The file whose presence marks a stage of each command as complete.
+DONE_FILES = {"pretrain": "encoder.pt", "tune": "encoder.pt", "finetune": "finetune.json"}
 PIXELS = "pixels"
 TIMING_FILE = "train_time.json"  # written by the pipeline when it trains a stage
 # Comparison-table columns: (title, dotted path into eval.json).
@@ -47,6 +53,13 @@ class StageSpec:
     init: str = ""
     overrides: list[str] = field(default_factory=list)
     gpu_overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # finetune: one run per trainer.seed
+
+    def run_dirs(self, out: Path) -> list[tuple[Path, list[str]]]:
+        """Run directories of this stage with the overrides that tell them apart."""
+        if not self.seeds:
+            return [(out / self.name, [])]
+        return [(out / self.name / f"seed{s}", [f"trainer.seed={s}"]) for s in self.seeds]
 
 
 @dataclass
@@ -92,13 +105,22 @@ def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Compar
             raise ConfigError(f"stages[{i}].name must be unique, non-empty and not '{PIXELS}'")
         if stage.command not in COMMANDS:
             raise ConfigError(f"stages[{i}].command must be one of {', '.join(COMMANDS)}")
-        if stage.command == "tune" and stage.init not in seen:
-            raise ConfigError(f"stages[{i}].init must name an earlier stage, got '{stage.init}'")
+        starts = seen | ({SCRATCH} if stage.command == "finetune" else set())
+        if stage.command in ("tune", "finetune") and stage.init not in starts:
+            scratch = f" or {SCRATCH}" if stage.command == "finetune" else ""
+            raise ConfigError(
+                f"stages[{i}].init must name an earlier stage{scratch}, got '{stage.init}'"
+            )
+        if stage.seeds and stage.command != "finetune":
+            raise ConfigError(f"stages[{i}].seeds applies to finetune stages only")
         seen.add(stage.name)
     known = seen | {PIXELS}
+    finetuned = {s.name for s in stages if s.command == "finetune"}
     for source in spec.evaluate:
         if source not in known:
             raise ConfigError(f"evaluate: unknown source '{source}' (stages: {', '.join(seen)})")
+        if source in finetuned:
+            raise ConfigError(f"evaluate: '{source}' is a finetune stage (finetune.json scores it)")
     for i, c in enumerate(comparisons):
         if {c.method, c.baseline} - known:
             raise ConfigError(f"comparisons[{i}] names a source that is not evaluated")
@@ -120,6 +142,9 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[st
         from maect.tuning import with_init
 
         cfg = with_init(cfg, str(out / stage.init))
+    if stage.command == "finetune":
+        init = stage.init if stage.init == SCRATCH else str(out / stage.init)
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init=init))
     return cfg
 
 
@@ -153,17 +178,16 @@ def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     stage are printed as it trains (:class:`maect.callbacks.StageProgress`)."""
     from maect.callbacks import StageProgress
     from maect.engine import pretrain
+    from maect.finetuning import finetune
     from maect.tuning import tune
 
     timing_file = run_dir / TIMING_FILE
-    complete = (run_dir / "encoder.pt").is_file()
+    complete = (run_dir / DONE_FILES[stage.command]).is_file()
     resumed = (run_dir / "config.yaml").is_file() and not complete
     started = time.perf_counter()
-    progress = [StageProgress(root=run_dir.parent)]
-    if stage.command == "pretrain":
-        pretrain(cfg, run_dir, callbacks=progress)
-    else:
-        tune(cfg, run_dir, callbacks=progress)
+    progress = [StageProgress(root=run_dir.parent.parent if stage.seeds else run_dir.parent)]
+    runner = {"pretrain": pretrain, "tune": tune, "finetune": finetune}[stage.command]
+    runner(cfg, run_dir, callbacks=progress)
     if not complete:
         record = {
             "train_seconds": time.perf_counter() - started,
@@ -212,10 +236,18 @@ def run_pipeline(
     pending = [f"stage {s.name}" for s in stages] + [f"evaluate {e}" for e in spec.evaluate]
     train_seconds: dict[str, float | None] = {}
     for stage in stages:
-        cfg = stage_config(spec, stage, out_dir, stage_extra)  # validate before training
-        print(f"\n=== stage {stage.name}: maect {stage.command} recipe={stage.recipe}", flush=True)
         stage_started = time.perf_counter()
-        train_seconds[stage.name] = run_stage(stage, cfg, out_dir / stage.name)
+        seconds: list[float | None] = []
+        for run_dir, seed in stage.run_dirs(out_dir):
+            cfg = stage_config(spec, stage, out_dir, [*stage_extra, *seed])  # validate first
+            where = f" ({run_dir.name})" if seed else ""
+            print(
+                f"\n=== stage {stage.name}{where}: maect {stage.command} recipe={stage.recipe}",
+                flush=True,
+            )
+            seconds.append(run_stage(stage, cfg, run_dir))
+        known = [t for t in seconds if t is not None]
+        train_seconds[stage.name] = sum(known) if len(known) == len(seconds) else None
         pending.pop(0)
         done(f"stage {stage.name} done", stage_started, pending)
 
@@ -235,6 +267,9 @@ def run_pipeline(
             evaluate(PIXELS if source == PIXELS else target, cfg)
             done(f"evaluate {source} done", eval_started, pending)
         results[source] = json.loads(eval_file.read_text())
+    for stage in stages:
+        if stage.command == "finetune":
+            results[stage.name] = {"finetune": finetune_result(stage, out_dir)}
 
     summary = {
         "pipeline": name,
@@ -254,6 +289,22 @@ def run_pipeline(
         flush=True,
     )
     return summary
+
+
+def finetune_result(stage: StageSpec, out: Path) -> dict[str, Any]:
+    """A fine-tuning stage's scores: its ``finetune.json``, or over ``seeds`` the mean top-1 /
+    top-5 with ``top1_std`` / ``top5_std`` (sample standard deviation)."""
+    from maect.finetuning import RESULT_FILE, aggregate
+
+    dirs = [run_dir for run_dir, _ in stage.run_dirs(out)]
+    if not stage.seeds:
+        record = json.loads((dirs[0] / RESULT_FILE).read_text())
+        return {**record, "init": stage.init, "runs": 1}
+    summary = aggregate(dirs)
+    flat = {k: v for k, v in summary.items() if k not in ("top1", "top5")}
+    for key in ("top1", "top5"):
+        flat[key], flat[f"{key}_std"] = summary[key]["mean"], summary[key]["std"]
+    return {**flat, "init": stage.init}
 
 
 def metric(result: dict[str, Any], path: str) -> float | None:
@@ -292,19 +343,50 @@ def protocol_notes(results: dict[str, Any]) -> list[str]:
     return ["\n" + "; ".join(f"{', '.join(t)}: {label}" for label, t in columns.items())]
 
 
+def train_minutes(summary: dict[str, Any], source: str) -> str:
+    """A table cell: the stage's training minutes, or a dash."""
+    seconds = summary["train_seconds"].get(source)
+    return "–" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def finetune_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown rows of the fine-tuning stages (mean ± std over seeds where there are several)."""
+    rows = {k: r["finetune"] for k, r in summary["results"].items() if "finetune" in r}
+    if not rows:
+        return []
+    lines = [
+        "| fine-tuned | from | labels | epochs | runs | top-1 | top-5 | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for source, r in rows.items():
+        scores = [
+            f"{r[k]:.1f}" + (f" ± {r[f'{k}_std']:.1f}" if r.get(f"{k}_std") is not None else "")
+            for k in ("top1", "top5")
+        ]
+        cells = [source, r["init"], f"{100 * r['label_fraction']:g} %", str(r["epochs"])]
+        cells += [str(r["runs"]), *scores, train_minutes(summary, source)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_results(summary: dict[str, Any]) -> str:
-    """Markdown table of all evaluated sources, then the checked claims, then the note."""
+    """Markdown tables of all evaluated sources and of the fine-tuned stages, then the checked
+    claims, then the note."""
     header = "| method | " + " | ".join(title for title, _ in COLUMNS) + " | train min |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    for source, result in summary["results"].items():
+    evaluated = {k: r for k, r in summary["results"].items() if "finetune" not in r}
+    if not evaluated:
+        lines = []
+    for source, result in evaluated.items():
         cells = []
         for _, path in COLUMNS:
             value = metric(result, path)
             cells.append("–" if value is None else f"{value:.1f}")
-        seconds = summary["train_seconds"].get(source)
-        cells.append("–" if seconds is None else f"{seconds / 60:.1f}")
+        cells.append(train_minutes(summary, source))
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     lines += protocol_notes(summary["results"])
+    finetuned = finetune_table(summary)
+    lines += ([""] if lines and finetuned else []) + finetuned
     for c in summary["comparisons"]:
         deltas = ", ".join(
             f"{k} {'n/a' if v is None else f'{v:+.1f}'}" for k, v in c["deltas"].items()
