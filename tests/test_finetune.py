@@ -450,3 +450,55 @@ def test_pipeline_refuses_bad_finetune_stages(tmp_path):
     pre = {"name": "mae", "command": "pretrain", "recipe": "mae/fmnist_vit_t", "seeds": [0]}
     with pytest.raises(ConfigError, match="seeds applies to finetune stages only"):
         load([pre])
+
+
+# Values of the official recipes: (global batch, devices assumed in the recipe's comment).
+# facebookresearch/mae FINETUNE.md (scripts for ViT-Base/-Large/-Huge) and main_finetune.py.
+FB_MAE = {
+    "finetune/in1k_vit_b16": dict(epochs=100, blr=5e-4, layer_decay=0.65, drop_path=0.1, gpus=32),
+    "finetune/in1k_vit_l16": dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2, gpus=32),
+    "finetune/in1k_vit_h14": dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3, gpus=64),
+}
+# ml-jku/MIM-Refiner src/yamls/eval/finetune_1p/template_tracked_{large16,huge14}_ijepamin.yaml,
+# src/yamls/eval/finetune_10p/template_tracked_large16_ijepa.yaml and
+# template_tracked_huge14_semivit.yaml: (lr, wd, batch, drop path, RandAugment, mixup, gpus)
+MIM_REFINER = {
+    "finetune/in1k_semisup_1pct_vit_l16": (3e-5, 0.05, 512, 0.0, False, False, 8),
+    "finetune/in1k_semisup_10pct_vit_l16": (3e-5, 0.05, 512, 0.0, True, False, 8),
+    "finetune/in1k_semisup_1pct_vit_h14": (3e-5, 0.4, 512, 0.0, False, False, 16),
+    "finetune/in1k_semisup_10pct_vit_h14": (1e-3, 0.05, 256, 0.2, True, True, 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FB_MAE))
+def test_fb_mae_recipes_pin_finetune_md(name):
+    want, cfg = FB_MAE[name], load_config(name)
+    f, o = cfg.finetune, cfg.optim
+    assert cfg.data.batch_size * want["gpus"] == 1024
+    assert (cfg.trainer.epochs, o.base_lr) == (want["epochs"], want["blr"])
+    assert (f.layer_decay, f.drop_path) == (want["layer_decay"], want["drop_path"])
+    assert (o.weight_decay, o.warmup_epochs, o.min_lr, o.betas) == (0.05, 5, 1e-6, [0.9, 0.999])
+    assert (f.reprob, f.mixup, f.cutmix, f.smoothing) == (0.25, 0.8, 1.0, 0.1)
+    assert (f.mixup_prob, f.mixup_switch_prob) == (1.0, 0.5)
+    assert f.auto_augment == "rand-m9-mstd0.5-inc1" and f.global_pool == "avg"
+    assert cfg.data.crop_scale == [0.08, 1.0] and cfg.data.label_fraction == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(MIM_REFINER))
+def test_semisupervised_recipes_pin_mim_refiner(name):
+    lr, wd, batch, drop_path, randaug, mixup, gpus = MIM_REFINER[name]
+    cfg = load_config(name)
+    f, o = cfg.finetune, cfg.optim
+    assert cfg.data.label_fraction == (0.01 if "1pct" in name else 0.1)
+    assert (o.base_lr, o.weight_decay, cfg.data.batch_size * gpus) == (lr, wd, batch)
+    assert (o.betas, o.warmup_epochs, o.min_lr, cfg.trainer.epochs) == ([0.9, 0.999], 5, 0, 50)
+    assert (f.layer_decay, f.drop_path, f.smoothing, f.global_pool) == (
+        0.75,
+        drop_path,
+        0.1,
+        "token",
+    )
+    assert (f.auto_augment != "") == randaug and (f.mixup, f.cutmix) == (
+        (0.8, 1.0) if mixup else (0, 0)
+    )
+    assert f.reprob == (0.25 if mixup else 0.0) and cfg.data.crop_scale == [0.08, 1.0]
