@@ -19,6 +19,11 @@ Cases and their peers (ratio = our images/s over the peer's):
   view through the encoder on its own and the frozen blocks left out of the optimizer only (autograd
   runs through them).
 - ``can`` vs ``can_eager``: each view through encoder and decoder on its own.
+- ``finetune`` (``FineTuning``: classifier, timm mixup / cutmix, soft-target cross-entropy,
+  layer-wise lr) vs ``finetune_plain``: the same timm ViT classifier (drop path, global pool),
+  timm ``Mixup`` and ``SoftTargetCrossEntropy`` and timm's layer-decay groups in a plain PyTorch
+  step, as facebookresearch/mae's ``engine_finetune.py`` runs it. The per-sample augmentation
+  (RandAugment, erasing) is the data side: ``--data`` times it.
 - ``simclr`` (CAN's configuration without masking, noise and decoder) is the FLOPs reference of
   ``can``; ``maect_head`` is MAE-CT stage 2 (NNCLR head on the frozen encoder).
 - ``refiner`` is MIM-Refiner stage 3 (``refiner/<model>``: every head, 2 global + the local
@@ -49,7 +54,7 @@ shared CPU. Every group of cases is printed, and with ``--append`` added to
 time limit keeps what it measured. The last line is a summary::
 
     summary mae_vs_peer=<images/s ratio> maect_vs_mae_step=<step time ratio> \
-can_vs_simclr_flops=<FLOPs ratio>
+can_vs_simclr_flops=<FLOPs ratio> finetune_vs_plain=<images/s ratio>
 
 Usage::
 
@@ -61,6 +66,7 @@ Usage::
     python benchmarks/train_step.py --model vit_l16 --batch 64 --cases mae --candidates sync
     python benchmarks/train_step.py --model vit_h14 --batch 2 --cases mae,maect --memory
     python benchmarks/train_step.py --cases mae,maect,can --candidates onednn --clock cpu
+    python benchmarks/train_step.py --model vit_t_fmnist --batch 128 --cases finetune,finetune_plain
 """
 
 from __future__ import annotations
@@ -97,8 +103,11 @@ from lightly.models.modules import (
     MaskedVisionTransformerTIMM,
 )
 from PIL import Image
+from timm.data import Mixup
 from timm.layers import Attention
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -115,9 +124,11 @@ from maect.faults import NonFiniteGuard
 from maect.methods import CAN, MAE, PretrainMethod
 from maect.methods.base import arch_from_config
 from maect.methods.can import CANOutput
+from maect.methods.finetune import FineTuning
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.methods.schedule import decay_groups
+from maect.models.classifier import classifier_from_state, classifier_kwargs
 from maect.models.cpu_linear import route_linears
 from maect.models.vit import build_encoder, set_grad_checkpointing
 
@@ -132,11 +143,14 @@ CASES = (
     "maect_head",
     "refiner",
     "refiner_head",
+    "finetune",
+    "finetune_plain",
 )
 # --model -> (recipe suffix, SimCLR recipe); a method without a recipe of that suffix is left out
 MODELS = {**CAN_MODELS, "vit_h14": ("in1k_vit_h14", "simclr/in1k_vit_b16")}
 DEFAULT_CASES = "mae,lightly,maect,maect_eager,can,can_eager,simclr"
-PEERS = {"mae": "lightly", "maect": "maect_eager", "can": "can_eager"}
+PEERS = {"mae": "lightly", "maect": "maect_eager", "can": "can_eager", "finetune": "finetune_plain"}
+CLASSES = 10  # classes of the synthetic batches
 SECTION = "### Training step: maect vs peers (`benchmarks/train_step.py`)"
 SCALE_SECTION = "### Training-step scaling of MAE (`benchmarks/train_step.py --scale`)"
 MEMORY_SECTION = "### Training-step memory (`benchmarks/train_step.py --memory`)"
@@ -213,6 +227,44 @@ class LightlyMAE(nn.Module):
         return decay_groups(self.named_parameters(), self.weight_decay)
 
 
+class PlainFineTuning(nn.Module):
+    """Peer of ``finetune``: timm's ViT classifier of the same architecture, pooling and drop
+    path, timm ``Mixup`` (label smoothing inside) and ``SoftTargetCrossEntropy``, timm's
+    layer-decay parameter groups, as facebookresearch/mae's fine-tuning step."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        f = cfg.finetune
+        self.model = VisionTransformer(
+            **classifier_kwargs(arch_from_config(cfg), CLASSES, f.global_pool, f.drop_path)
+        )
+        self.mixup = Mixup(
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            label_smoothing=f.smoothing,
+            num_classes=CLASSES,
+        )
+        self.criterion = SoftTargetCrossEntropy()
+        self.weight_decay, self.layer_decay = cfg.optim.weight_decay, f.layer_decay
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        images, targets = self.mixup(batch["image"], batch["label"])
+        return {"loss": self.criterion(self.model(images), targets)}
+
+    def param_groups(self) -> list[dict]:
+        return param_groups_layer_decay(self.model, self.weight_decay, layer_decay=self.layer_decay)
+
+
+def finetuning_module(cfg: RunConfig) -> FineTuning:
+    """maect's fine-tuning method on a fresh classifier (evaluation set: a placeholder)."""
+    f, arch = cfg.finetune, arch_from_config(cfg)
+    encoder = build_encoder(arch)
+    classifier = classifier_from_state(
+        encoder.state_dict(), arch, CLASSES, f.global_pool, f.drop_path
+    )
+    return FineTuning(cfg, classifier, make_synthetic(CLASSES, train=False))
+
+
 class EagerContrastiveTuning(ContrastiveTuning):
     """MAE-CT stage 3 without its optimisations: ``two_pass`` sends each view through the encoder
     on its own; ``grad_through_frozen`` keeps the frozen blocks out of the optimizer only, so
@@ -282,6 +334,8 @@ def method_configs(model: str, batch: int, overrides: list[str]) -> dict[str, Ru
             queue = getattr(load_config(recipe, overrides), method).queue_size
             extra = [f"{method}.queue_size={batch * max(1, queue // batch)}"]
         configs[method] = load_config(recipe, overrides + extra)
+    if f"finetune/{suffix}" in available_recipes():
+        configs["finetune"] = load_config(f"finetune/{suffix}", overrides)
     return configs
 
 
@@ -310,12 +364,16 @@ def build_case(name: str, configs: dict[str, RunConfig]) -> nn.Module:
         return EagerCAN(configs["can"])
     if name == "simclr":
         return CAN(configs["simclr"])
+    if name == "finetune":
+        return finetuning_module(configs["finetune"])
+    if name == "finetune_plain":
+        return PlainFineTuning(configs["finetune"])
     raise ValueError(f"unknown case {name}")
 
 
 def views_of(name: str) -> int:
     """Views per image of case ``name`` at the model's image size."""
-    return 1 if name in ("mae", "lightly") else 2
+    return 1 if name in ("mae", "lightly", "finetune", "finetune_plain") else 2
 
 
 def synthetic_batch(cfg: RunConfig, views: int, batch: int, device: torch.device) -> dict:
@@ -329,7 +387,7 @@ def synthetic_batch(cfg: RunConfig, views: int, batch: int, device: torch.device
         images = [*images, *(torch.randn(shape, device=device) for _ in range(r.local_views))]
     return {
         "image": list(images) if views == 2 else images[0],
-        "label": torch.randint(10, (batch,), device=device),
+        "label": torch.randint(CLASSES, (batch,), device=device),
         "index": torch.arange(batch, device=device),
     }
 
@@ -574,6 +632,9 @@ def data_rate(cfg: RunConfig, module: PretrainMethod, threads: int, seconds: flo
 
 def model_label(cfg: RunConfig) -> str:
     m = cfg.model
+    if cfg.method == "finetune":
+        head = f"{cfg.finetune.global_pool} pool, {CLASSES} classes"
+        return f"ViT {m.embed_dim}x{m.depth} p{m.patch_size} {m.img_size}px ({head})"
     return (
         f"ViT {m.embed_dim}x{m.depth} p{m.patch_size} {m.img_size}px "
         f"(dec {m.decoder_dim}x{m.decoder_depth})"
@@ -682,7 +743,9 @@ def run_cases(
         "maect_vs_mae_step="
         f"{value(lambda: results['maect'].seconds / results['mae'].seconds, 'maect', 'mae')} "
         "can_vs_simclr_flops="
-        f"{value(lambda: results['can'].flops / results['simclr'].flops, 'can', 'simclr')}"
+        f"{value(lambda: results['can'].flops / results['simclr'].flops, 'can', 'simclr')} "
+        "finetune_vs_plain="
+        f"{value(lambda: results['finetune'].ratio, 'finetune', 'finetune_plain')}"
     )
 
 
@@ -692,7 +755,7 @@ def data_results(configs: dict[str, RunConfig], results: dict[str, Result]) -> l
     step's images/s (below 1: the data does not keep up)."""
     out = []
     threads = torch.get_num_threads()
-    for name in ("mae", "maect", "can", "refiner"):
+    for name in ("mae", "maect", "can", "refiner", "finetune"):
         if name in results:
             cfg = configs[name]
             for where, n in (("1 worker", 1), (f"in-process, {threads} threads", threads)):
@@ -799,6 +862,7 @@ def run_candidates(
             ),
         ),
     )
+
     def routed(name: str) -> nn.Module:
         module = build_case(name, configs)
         route_linears(module)

@@ -121,3 +121,12 @@ def test_train_step_candidates_onednn_alone_in_cpu_seconds():
 def test_cpu_linear_prints_every_shape():
     out = run("cpu_linear.py", "--tokens", "16", "--rounds", "1")
     assert out.count("\n| 16 | ") == 7 and "rel. error MKL / oneDNN" in out
+
+
+def test_train_step_times_finetuning_against_a_plain_timm_loop():
+    out = run(
+        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--rounds", "1",
+        "--warmup", "1", "--inner", "1", "--device", "cpu", "--cases", "finetune,finetune_plain",
+    )  # fmt: skip
+    assert "\nfinetune " in out and "\nfinetune_plain " in out
+    assert "finetune_vs_plain=" in out.strip().splitlines()[-1]

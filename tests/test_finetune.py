@@ -30,6 +30,7 @@ from maect.methods.finetune import FineTuning
 from maect.models.classifier import ViTClassifier, classifier_from_state
 from maect.models.vit import MaskedViT, ViTArch
 from maect.pipeline import load_pipeline, run_pipeline
+from maect.report import write_report
 from tests.conftest import TINY_OVERRIDES
 
 RECIPE = "finetune/fmnist_vit_t"
@@ -432,6 +433,10 @@ def test_pipeline_pretrains_then_finetunes_over_seeds(tmp_path):
     assert delta == pytest.approx(result["top1"] - scratch["top1"])
     table = (out / "results.md").read_text()
     assert "| ft_mae | mae | 100 % | 1 | 2 |" in table and "| ft_scratch | scratch |" in table
+    html = write_report(out).read_text()
+    assert "<h2>Fine-tuning</h2>" in html and "fine-tuning curves" in html
+    single = write_report(out / "ft_scratch").read_text()
+    assert "fine-tuning curve" in single and "Reconstructions" not in single
 
 
 def test_pipeline_refuses_bad_finetune_stages(tmp_path):

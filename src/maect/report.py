@@ -5,7 +5,9 @@ A run directory (``config.yaml`` from ``maect pretrain``/``maect tune``, ``eval.
 training curves of every ``metrics.csv`` (MAE-CT: ``head/`` and ``tune/``), the first, middle and
 last reconstruction grid, the embedding plots and the resolved config. A directory whose
 subdirectories are run directories (a pipeline) gives the comparison table (``results.json``, or
-the stages' ``eval.json``) followed by one such section per stage.
+the stages' ``eval.json``) followed by one such section per stage. Fine-tuning runs
+(``maect finetune``) show their ``finetune.json`` and top-1 per epoch instead of the evaluation
+table, reconstructions and embeddings; a pipeline's fine-tuning stages get a section of their own.
 
 Images are embedded as data URIs (PNG files as they are, curves as matplotlib SVG), so the page
 needs no server, no network and no JavaScript. Anything missing is shown as "not available".
@@ -376,6 +378,8 @@ def comparison_section(summary: dict[str, Any], stages: list[RunFiles]) -> str:
     header = ["source", "method", *(title for title, _ in COLUMNS), "train min"]
     rows = []
     for name, result in results.items():
+        if isinstance(result, dict) and "finetune" in result:
+            continue  # fine-tuning stages have their own section
         flat = flatten(result) if isinstance(result, dict) else {}
         minutes = seconds.get(name) if isinstance(seconds, dict) else None
         rows.append(
@@ -610,13 +614,20 @@ def run_meta(run: RunFiles) -> str:
 def run_body(run: RunFiles, level: int) -> str:
     """The sections of one run; headings start at ``<h{level}>``."""
     h = f"h{level}"
-    sections = [
-        ("Metrics", metrics_table(run)),
-        ("Training curves", curves_section(run)),
-        ("Reconstructions", reconstructions_section(run)),
-        ("Embeddings", embeddings_section(run)),
-        ("Config", config_section(run)),
-    ]
+    if run.method == "finetune":  # the fine-tuning scores instead of frozen-feature sections
+        sections = [
+            ("Fine-tuning", finetune_section(run.path)),
+            ("Training curves", curves_section(run)),
+            ("Config", config_section(run)),
+        ]
+    else:
+        sections = [
+            ("Metrics", metrics_table(run)),
+            ("Training curves", curves_section(run)),
+            ("Reconstructions", reconstructions_section(run)),
+            ("Embeddings", embeddings_section(run)),
+            ("Config", config_section(run)),
+        ]
     sections[1:1] = analysis_sections(run)
     return "".join(f"<{h}>{title}</{h}>{body}" for title, body in sections)
 
@@ -652,6 +663,7 @@ def render(root: Path) -> str:
         f"</span><span><b>stages</b> {len(runs)}</span></p>",
         f"<nav>{nav}</nav>",
         f"<h2>Comparison</h2>{comparison_section(summary, runs)}",
+        finetune_pipeline_section(root, summary),
     ]
     parts.append(robustness_comparison(runs))
     for run in runs:
@@ -772,6 +784,78 @@ def robustness_comparison(runs: list[RunFiles]) -> str:
         return ""
     svg = line_svg(lines, "mean accuracy under corruption", "severity (0 = clean)", "top-1 (%)")
     return "<h3>Robustness</h3>" + figure(svg, "image/svg+xml", "mean over the corruptions")
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+# (metrics.csv column, legend label) of the per-epoch fine-tuning curves.
+FINETUNE_CURVES = (("val/top1", "top-1"), ("val_ema/top1", "top-1, EMA"))
+FINETUNE_FIELDS = ("top1", "top5", "label_fraction", "epochs", "train_images", "source")
+
+
+def finetune_curves(run_dir: Path, prefix: str = "") -> dict[str, Points]:
+    """``{label: [(epochs trained, top-1 %)]}`` from a fine-tuning run's ``metrics.csv``."""
+    curves: dict[str, Points] = {}
+    try:
+        with (run_dir / "metrics.csv").open(newline="", errors="replace") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error):
+        return curves
+    for column, label in FINETUNE_CURVES:
+        points = [
+            (epoch + 1, value)
+            for row in rows
+            if (epoch := number(row.get("epoch"))) is not None
+            and (value := number(row.get(column))) is not None
+        ]
+        if points:
+            curves[f"{prefix}{label}"] = points
+    return curves
+
+
+def finetune_section(run_dir: Path) -> str:
+    """A fine-tuning run: its ``finetune.json`` and its top-1 per epoch."""
+    result = read_json(run_dir / "finetune.json")
+    parts = [
+        table(["metric", "value"], [[k, result.get(k)] for k in FINETUNE_FIELDS])
+        if result
+        else not_available("fine-tuning result (finetune.json)")
+    ]
+    curves = finetune_curves(run_dir)
+    if curves:
+        svg = line_svg(curves, "fine-tuning", "epochs trained", "top-1 on the evaluation split (%)")
+        parts.append(figure(svg, "image/svg+xml", "fine-tuning curve"))
+    else:
+        parts.append(not_available("fine-tuning curve (val/top1 in metrics.csv)"))
+    return "".join(parts)
+
+
+def finetune_pipeline_section(root: Path, summary: dict[str, Any]) -> str:
+    """The fine-tuning stages of a pipeline (``results.json``): scores and top-1 curves, one
+    line per run (per seed where a stage has several)."""
+    results = summary.get("results") or {}
+    stages = {
+        k: r["finetune"] for k, r in results.items() if isinstance(r, dict) and "finetune" in r
+    }
+    if not stages:
+        return ""
+    header = ["stage", "from", "labels", "epochs", "runs", "top-1", "± std", "top-5"]
+    rows = [
+        [name, r.get("init"), r.get("label_fraction"), r.get("epochs"), r.get("runs"),
+         r.get("top1"), r.get("top1_std"), r.get("top5")]
+        for name, r in stages.items()
+    ]  # fmt: skip
+    curves: dict[str, Points] = {}
+    for name in stages:
+        runs = sorted((root / name).glob("seed*")) or [root / name]
+        for run_dir in runs:
+            label = name if run_dir.name == name else f"{name}/{run_dir.name}"
+            curves |= finetune_curves(run_dir, prefix=f"{label} ")
+    parts = ["<h2>Fine-tuning</h2>", table(header, rows)]
+    if curves:
+        svg = line_svg(curves, "fine-tuning", "epochs trained", "top-1 on the evaluation split (%)")
+        parts.append(figure(svg, "image/svg+xml", "fine-tuning curves"))
+    return "".join(parts)
 
 
 def write_report(path: str | Path) -> Path:
