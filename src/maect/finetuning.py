@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -251,9 +250,9 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
 
 
 def aggregate(paths: list[str | Path]) -> dict[str, Any]:
-    """Mean and sample standard deviation of top-1 / top-5 over several ``finetune.json`` files
-    (or run directories), e.g. the seeds of one label fraction. The runs must share protocol,
-    dataset, label fraction and epochs."""
+    """Mean and sample standard deviation (None for one run) of top-1 / top-5 over several
+    ``finetune.json`` files (or run directories), e.g. the seeds of one label fraction. The runs
+    must share protocol, dataset, label fraction and epochs."""
     records = []
     for path in paths:
         path = Path(path)
@@ -273,7 +272,7 @@ def aggregate(paths: list[str | Path]) -> dict[str, Any]:
         values = [float(r[metric]) for r in records]
         summary[metric] = {
             "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": values,
         }
     return summary
