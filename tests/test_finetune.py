@@ -9,11 +9,13 @@ import logging
 import random
 import statistics
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from timm.data import Mixup
@@ -31,7 +33,7 @@ from maect.models.classifier import ViTClassifier, classifier_from_state
 from maect.models.vit import MaskedViT, ViTArch
 from maect.pipeline import load_pipeline, run_pipeline
 from maect.report import write_report
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, free_port, rank_environment
 
 RECIPE = "finetune/fmnist_vit_t"
 # Tiny ViT on synthetic class templates; the spatial augmentations are off because the templates
@@ -526,3 +528,29 @@ def test_finetune_fmnist_pipeline_reuses_the_reproduction_stages(tmp_path):
     sources = ("mae", "maect", "maectaug", "can", "simclr", "scratch")
     assert sorted(finetuned) == sorted((s, f) for s in sources for f in (1.0, 0.1, 0.01))
     assert len(comparisons) == 9
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    rank_environment(rank, 2, port)
+    torch.set_num_threads(1)
+    cfg = _cfg("trainer.epochs=1", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.strategy=ddp", "data.synthetic_size=128", "data.batch_size=16")  # fmt: skip
+    finetune(cfg, Path(out) / "ft")
+
+
+@pytest.mark.slow
+def test_two_ranks_fine_tune_and_score_the_whole_evaluation_split(tmp_path):
+    """Under DDP every rank scores its share of the evaluation split and the counts are summed:
+    finetune.json equals one process scoring the exported classifier on every image."""
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run = tmp_path / "ft"
+    result = json.loads((run / "finetune.json").read_text())
+    _, test = finetune_datasets(_cfg("data.synthetic_size=128"))
+    model = load_classifier(run)
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(images)
+    expected = 100.0 * (logits.argmax(dim=1) == test.labels).float().mean().item()
+    assert result["eval_images"] == len(test) == 32
+    assert result["top1"] == pytest.approx(expected)
+    assert result["train_images"] == 128

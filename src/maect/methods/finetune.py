@@ -147,4 +147,5 @@ class FineTuning(PretrainMethod):
         self.scores = self.evaluate()
         for name, values in self.scores.items():
             for key in ("top1", "top5", "loss"):
-                self.log(f"{name}/{key}", values[key], prog_bar=key == "top1")
+                # the same summed value on every rank: written once
+                self.log(f"{name}/{key}", values[key], prog_bar=key == "top1", rank_zero_only=True)
