@@ -83,11 +83,12 @@ def test_layer_decay_lr_of_every_group(tmp_path):
     optimizer = module.configure_optimizers()["optimizer"]
     depth, decay, base = 3, 0.6, module.peak_lr
     lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
-    timm_scale = {
-        id(p): g["lr_scale"]
-        for g in param_groups_layer_decay(module.classifier, 0.05, layer_decay=decay)
-        for p in g["params"]
-    }
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    skip = module.classifier.no_weight_decay()  # as fb/mae's param_groups_lrd call
+    timm_groups = param_groups_layer_decay(module.classifier, 0.05, skip, layer_decay=decay)
+    timm_scale = {id(p): g["lr_scale"] for g in timm_groups for p in g["params"]}
+    timm_wd = {id(p): g["weight_decay"] for g in timm_groups for p in g["params"]}
+    assert wd_of == timm_wd and wd_of[id(module.classifier.cls_token)] == 0.0
     names = dict(module.classifier.named_parameters())
     assert set(lr_of) == set(timm_scale) == {id(p) for p in names.values()}  # EMA-free, all
     for name, param in names.items():
@@ -554,3 +555,28 @@ def test_two_ranks_fine_tune_and_score_the_whole_evaluation_split(tmp_path):
     assert result["eval_images"] == len(test) == 32
     assert result["top1"] == pytest.approx(expected)
     assert result["train_images"] == 128
+
+
+def test_ema_is_scored_and_exported(tmp_path):
+    cfg = _cfg("trainer.epochs=1", "data.synthetic_size=64", "finetune.model_ema=0.5")
+    run = finetune(cfg, tmp_path / "ft")
+    result = json.loads((run / "finetune.json").read_text())
+    assert set(result["online"]) == {"top1", "top5", "loss", "images"}
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_ema/top1")]
+    assert len(rows) == 1 and float(rows[0]["val_ema/top1"]) == result["top1"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    exported = torch.load(run / "classifier.pt", weights_only=True)["model"]
+    assert torch.equal(exported["head.weight"], ckpt["ema.head.weight"])
+    assert not torch.equal(exported["head.weight"], ckpt["encoder.head.weight"])
+
+
+def test_a_run_finished_before_its_outputs_were_written_scores_again(tmp_path):
+    cfg = _cfg("trainer.epochs=1", "data.synthetic_size=64")
+    run = finetune(cfg, tmp_path / "ft")
+    first = json.loads((run / "finetune.json").read_text())
+    (run / "finetune.json").unlink()  # as if killed after the last checkpoint
+    (run / "classifier.pt").unlink()
+    finetune(cfg, run)
+    again = json.loads((run / "finetune.json").read_text())
+    assert again["top1"] == first["top1"] and again["loss"] == pytest.approx(first["loss"])

@@ -81,9 +81,12 @@ class FineTuning(PretrainMethod):
         return self
 
     def param_groups(self) -> list[dict]:
+        """Layer-wise lr decay; no weight decay on biases, norms and the model's own list (timm:
+        the position embeddings and the CLS token), as facebookresearch/mae's fine-tuning."""
         f, o = self.cfg.finetune, self.cfg.optim
+        exempt = self.classifier.no_weight_decay()
         return layer_decay_groups(
-            self.classifier, self.classifier.arch.depth, f.layer_decay, o.weight_decay
+            self.classifier, self.classifier.arch.depth, f.layer_decay, o.weight_decay, exempt
         )
 
     def train_transform(self) -> Callable:
