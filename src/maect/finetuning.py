@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from maect.checkpoints import (
     HEADS_BY_WIDTH,
@@ -227,7 +228,8 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
         log.warning("%s is complete (%s exists); nothing to do", run_dir, RESULT_FILE)
         return run_dir
     if cfg.trainer.epochs == 0:
-        scores, exported, main = evaluate_only(cfg, classifier, test), classifier, True
+        scores, exported = evaluate_only(cfg, classifier, test), classifier
+        main = rank_zero_only.rank == 0  # under a launcher every process scores; one writes
     else:
         module = FineTuning(cfg, classifier, test)
         train.transform = module.train_transform()
