@@ -262,6 +262,12 @@ def test_aggregate_over_seeds(tmp_path):
     assert summary["top1"]["mean"] == pytest.approx(statistics.fmean(values))
     assert summary["top1"]["std"] == pytest.approx(statistics.stdev(values))
     assert summary["runs"] == 3 and summary["seeds"] == [0, 1, 2]
+    assert "corruption_top1" not in summary  # no run has a robustness result
+    for seed, mean in enumerate((60.0, 62.0, 61.0)):
+        record = json.loads((tmp_path / f"s{seed}.json").read_text())
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(record | {"robustness": {"mean": mean}}))
+    robust = aggregate([tmp_path / f"s{s}.json" for s in range(3)])["corruption_top1"]
+    assert robust["mean"] == pytest.approx(61.0) and robust["std"] == pytest.approx(1.0)
     other = json.loads((tmp_path / "s0.json").read_text()) | {"label_fraction": 1.0}
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="label_fraction"):
@@ -580,3 +586,30 @@ def test_a_run_finished_before_its_outputs_were_written_scores_again(tmp_path):
     finetune(cfg, run)
     again = json.loads((run / "finetune.json").read_text())
     assert again["top1"] == first["top1"] and again["loss"] == pytest.approx(first["loss"])
+
+
+def test_robustness_of_the_fine_tuned_classifier(tmp_path):
+    from maect.data.transforms import eval_view, to_normalized
+    from maect.evaluation.robustness import CLASSIFIER_PROTOCOL, evaluate_classifier
+
+    robust = ["finetune.robustness_subset=10", "finetune.robustness_corruptions=[gaussian_noise]"]
+    cfg = _cfg(
+        "trainer.epochs=1",
+        "data.synthetic_size=64",
+        *robust,
+        "finetune.robustness_severities=[1,5]",
+    )
+    run = finetune(cfg, tmp_path / "ft")
+    block = json.loads((run / "finetune.json").read_text())["robustness"]
+    assert block["protocol"] == CLASSIFIER_PROTOCOL and block["n_test"] == 10
+    assert set(block["top1"]["gaussian_noise"]) == {"1", "5", "mean"}
+    _, test = finetune_datasets(cfg)
+    subset = label_subset(test, 10 / len(test), seed=0)
+    again = evaluate_classifier(
+        load_classifier(run), subset, to_normalized((0.5,), (0.25,)), eval_view(28, 1),
+        corruptions=["gaussian_noise"], severities=[1, 5], device="cpu",
+    )  # fmt: skip
+    assert again["top1"] == block["top1"] and again["clean"] == block["clean"]
+    assert "Robustness of the fine-tuned classifier" in write_report(run).read_text()
+    with pytest.raises(ConfigError, match="finetune.robustness_corruptions has unknown"):
+        finetune(_cfg("finetune.robustness_corruptions=[fog2]"), tmp_path / "bad")

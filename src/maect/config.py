@@ -244,7 +244,10 @@ class FinetuneConfig:
     with ``mixup_switch_prob``; label ``smoothing``. ``auto_augment``: timm's RandAugment string
     (empty: none). ``reprob``: random-erasing probability. ``model_ema``: decay of an EMA of the
     weights (0: off), which is then exported (both are evaluated). The evaluation split is scored
-    after every ``eval_every`` epochs (0: only after the last)."""
+    after every ``eval_every`` epochs (0: only after the last). ``robustness_subset=N`` (0: off)
+    then scores the exported classifier on the ImageNet-C corruptions of a class-balanced N
+    images of the evaluation split (``robustness_corruptions`` / ``robustness_severities``,
+    empty: all 15 / 1-5; ``maect.evaluation.evaluate_classifier``), into ``finetune.json``."""
 
     init: str = ""
     global_pool: str = "avg"
@@ -260,6 +263,9 @@ class FinetuneConfig:
     model_ema: float = 0.0
     reset_head: bool = False
     eval_every: int = 1
+    robustness_subset: int = 0
+    robustness_corruptions: list[str] = field(default_factory=list)
+    robustness_severities: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -697,7 +703,7 @@ def validate_finetune(cfg: RunConfig) -> None:
     for key in ("mixup_prob", "mixup_switch_prob", "reprob"):
         value = getattr(f, key)
         _require(0.0 <= value <= 1.0, f"finetune.{key}", f"must be in [0, 1], got {value}")
-    for key in ("mixup", "cutmix", "eval_every"):
+    for key in ("mixup", "cutmix", "eval_every", "robustness_subset"):
         value = getattr(f, key)
         _require(value >= 0, f"finetune.{key}", f"must be >= 0 (0: off), got {value}")
     _require(

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from maect.checkpoints import (
@@ -37,9 +38,10 @@ from maect.data.datasets import (
 )
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
-from maect.data.transforms import eval_transform
+from maect.data.transforms import eval_transform, eval_view, to_normalized
 from maect.engine import fit_module, prepare_run_dir, resolve_precision, training_dataset
 from maect.evaluation.accuracy import accuracy_summary, classifier_counts
+from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
 from maect.methods.base import arch_from_config
 from maect.methods.finetune import FineTuning
@@ -93,8 +95,7 @@ def finetune_datasets(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     )
     require_labels(test, cfg, "evaluation")
     mean, std = normalization_stats(d.name, m.in_chans)
-    source_size = test.load_image(0).shape[-1]
-    test.transform = eval_transform(m.img_size, source_size, m.in_chans, mean, std)
+    test.transform = eval_transform(m.img_size, m.in_chans, mean, std)
     return train, test
 
 
@@ -185,6 +186,47 @@ def result_record(
     return record
 
 
+def robustness_settings(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The corruptions and severities of ``finetune.robustness_*`` (empty: all), checked."""
+    f = cfg.finetune
+    corruptions = tuple(f.robustness_corruptions) or CORRUPTIONS
+    severities = tuple(f.robustness_severities) or SEVERITIES
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ConfigError(
+            f"finetune.robustness_corruptions has unknown {unknown}; choose from "
+            f"{', '.join(CORRUPTIONS)}"
+        )
+    if not set(severities) <= set(SEVERITIES):
+        raise ConfigError(
+            f"finetune.robustness_severities must be values from 1 to 5, got {list(severities)}"
+        )
+    return corruptions, severities
+
+
+def classifier_robustness(cfg: RunConfig, model: ViTClassifier, test: ImageDataset) -> dict:
+    """``evaluate_classifier``'s robustness block of ``model`` on a class-balanced
+    ``finetune.robustness_subset`` of the evaluation split (the same images for the same seed)."""
+    from maect.evaluation.robustness import evaluate_classifier
+
+    d, m, seed = cfg.data, cfg.model, cfg.trainer.seed
+    corruptions, severities = robustness_settings(cfg)
+    subset = SubsetDataset(test, balanced_subset(test.labels, cfg.finetune.robustness_subset, seed))
+    mean, std = normalization_stats(d.name, m.in_chans)
+    return evaluate_classifier(
+        model,
+        subset,
+        to_normalized(mean, std),
+        view=eval_view(m.img_size, m.in_chans),
+        corruptions=corruptions,
+        severities=severities,
+        seed=seed,
+        batch_size=d.batch_size,
+        device="cpu" if cfg.trainer.accelerator == "cpu" else None,
+        num_workers=d.num_workers,
+    )
+
+
 def evaluate_only(cfg: RunConfig, classifier: ViTClassifier, dataset: ImageDataset) -> dict:
     """Scores of ``classifier`` on ``dataset`` in this process (``trainer.epochs=0``)."""
     accelerator = cfg.trainer.accelerator
@@ -197,7 +239,9 @@ def evaluate_only(cfg: RunConfig, classifier: ViTClassifier, dataset: ImageDatas
     return {"val": accuracy_summary(counts)}
 
 
-def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
+def finetune(
+    cfg: RunConfig, out: str | Path, dev_run: int = 0, callbacks: list[Callback] | None = None
+) -> Path:
     """Fine-tune ``cfg.finetune.init`` on ``cfg.data`` into run directory ``out`` (resuming an
     interrupted run), then write ``classifier.pt`` and ``finetune.json``.
 
@@ -205,6 +249,7 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
         cfg: Validated configuration of method ``finetune``.
         out: Run directory.
         dev_run: If > 0, run only this many batches (Lightning ``fast_dev_run``), no outputs.
+        callbacks: Extra Lightning callbacks for the training (e.g. ``maect run``'s progress).
 
     Returns:
         The run directory.
@@ -219,6 +264,7 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
             "finetune.init is empty: name the encoder to fine-tune (a run directory, a "
             f"checkpoint, or {SCRATCH})"
         )
+    robustness_settings(cfg)  # bad names fail before any work
     run_dir = Path(out)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the new head's init
     train, test = finetune_datasets(cfg)  # bad data and sources fail before the run directory
@@ -233,7 +279,7 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
     else:
         module = FineTuning(cfg, classifier, test)
         train.transform = module.train_transform()
-        trainer = fit_module(cfg, module, train, run_dir, [], dev_run)
+        trainer = fit_module(cfg, module, train, run_dir, callbacks or [], dev_run)
         if not module.scores:  # resumed after the last epoch's checkpoint: score again
             module.trainer = trainer
             module.scores = module.evaluate()
@@ -241,6 +287,8 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
     if main and not dev_run:
         save_classifier(exported, run_dir / "classifier.pt")
         record = result_record(cfg, scores, len(train))
+        if cfg.finetune.robustness_subset:
+            record["robustness"] = classifier_robustness(cfg, exported, test)
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
         log.info("fine-tuned top-1 %.2f %%, top-5 %.2f %%", record["top1"], record["top5"])
     if cfg.trainer.epochs > 0:
@@ -252,7 +300,8 @@ def finetune(cfg: RunConfig, out: str | Path, dev_run: int = 0) -> Path:
 
 
 def aggregate(paths: list[str | Path]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None for one run) of top-1 / top-5 over several
+    """Mean and sample standard deviation (None for one run) of top-1 / top-5 (and of the mean
+    corruption top-1, ``corruption_top1``, when every run has a robustness result) over several
     ``finetune.json`` files (or run directories), e.g. the seeds of one label fraction. The runs
     must share protocol, dataset, label fraction and epochs."""
     records = []
@@ -270,11 +319,13 @@ def aggregate(paths: list[str | Path]) -> dict[str, Any]:
     summary: dict[str, Any] = {key: records[0].get(key) for key in shared}
     summary["runs"] = len(records)
     summary["seeds"] = [r.get("seed") for r in records]
-    for metric in ("top1", "top5"):
-        values = [float(r[metric]) for r in records]
+    metrics = {"top1": [r["top1"] for r in records], "top5": [r["top5"] for r in records]}
+    if all("robustness" in r for r in records):
+        metrics["corruption_top1"] = [r["robustness"]["mean"] for r in records]
+    for metric, values in metrics.items():
         summary[metric] = {
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values,
+            "values": [float(v) for v in values],
         }
     return summary

@@ -299,11 +299,14 @@ def finetune_result(stage: StageSpec, out: Path) -> dict[str, Any]:
     dirs = [run_dir for run_dir, _ in stage.run_dirs(out)]
     if not stage.seeds:
         record = json.loads((dirs[0] / RESULT_FILE).read_text())
+        if "robustness" in record:
+            record["corruption_top1"] = record["robustness"]["mean"]
         return {**record, "init": stage.init, "runs": 1}
     summary = aggregate(dirs)
-    flat = {k: v for k, v in summary.items() if k not in ("top1", "top5")}
-    for key in ("top1", "top5"):
-        flat[key], flat[f"{key}_std"] = summary[key]["mean"], summary[key]["std"]
+    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    for key in ("top1", "top5", "corruption_top1"):
+        if key in summary:
+            flat[key], flat[f"{key}_std"] = summary[key]["mean"], summary[key]["std"]
     return {**flat, "init": stage.init}
 
 
@@ -354,14 +357,22 @@ def finetune_table(summary: dict[str, Any]) -> list[str]:
     rows = {k: r["finetune"] for k, r in summary["results"].items() if "finetune" in r}
     if not rows:
         return []
+    metrics = ["top1", "top5"]
+    titles = ["top-1", "top-5"]
+    if any("corruption_top1" in r for r in rows.values()):
+        metrics.append("corruption_top1")
+        titles.append("corrupted top-1")
     lines = [
-        "| fine-tuned | from | labels | epochs | runs | top-1 | top-5 | train min |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| fine-tuned | from | labels | epochs | runs | {' | '.join(titles)} | train min |",
+        "|---|---|---|---|---|" + "---|" * len(titles) + "---|",
     ]
     for source, r in rows.items():
         scores = [
-            f"{r[k]:.1f}" + (f" ± {r[f'{k}_std']:.1f}" if r.get(f"{k}_std") is not None else "")
-            for k in ("top1", "top5")
+            "–"
+            if k not in r
+            else f"{r[k]:.1f}"
+            + (f" ± {r[f'{k}_std']:.1f}" if r.get(f"{k}_std") is not None else "")
+            for k in metrics
         ]
         cells = [source, r["init"], f"{100 * r['label_fraction']:g} %", str(r["epochs"])]
         cells += [str(r["runs"]), *scores, train_minutes(summary, source)]

@@ -827,6 +827,9 @@ def finetune_section(run_dir: Path) -> str:
         parts.append(figure(svg, "image/svg+xml", "fine-tuning curve"))
     else:
         parts.append(not_available("fine-tuning curve (val/top1 in metrics.csv)"))
+    if isinstance(result.get("robustness"), dict):
+        parts.append("<h4>Robustness of the fine-tuned classifier</h4>")
+        parts.append(robustness_section(result["robustness"]))
     return "".join(parts)
 
 
@@ -839,10 +842,11 @@ def finetune_pipeline_section(root: Path, summary: dict[str, Any]) -> str:
     }
     if not stages:
         return ""
-    header = ["stage", "from", "labels", "epochs", "runs", "top-1", "± std", "top-5"]
+    header = ["stage", "from", "labels", "epochs", "runs", "top-1", "± std", "top-5",
+              "corrupted top-1"]  # fmt: skip
     rows = [
         [name, r.get("init"), r.get("label_fraction"), r.get("epochs"), r.get("runs"),
-         r.get("top1"), r.get("top1_std"), r.get("top5")]
+         r.get("top1"), r.get("top1_std"), r.get("top5"), r.get("corruption_top1")]
         for name, r in stages.items()
     ]  # fmt: skip
     curves: dict[str, Points] = {}
