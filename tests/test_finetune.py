@@ -334,6 +334,7 @@ def test_classifier_source_keeps_its_head_unless_reset(tmp_path):
         ("scratch", ["data.label_fraction=1.5"], "data.label_fraction must be in (0, 1]"),
         ("scratch", ["data.batch_size=15"], "data.batch_size must be even with mixup"),
         ("scratch", ["finetune.global_pool=max"], "finetune.global_pool must be one of"),
+        ("scratch", ["data.augment_on=device"], "data.augment_on must be loader for fine-tuning"),
         ("{tmp}/five.pth", ["model.num_heads=2"], "has a 5-class head (head.weight)"),
         (
             "{tmp}/ft.pth",

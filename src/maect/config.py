@@ -713,6 +713,12 @@ def validate_finetune(cfg: RunConfig) -> None:
         f"got '{f.auto_augment}'",
     )
     _require(
+        cfg.data.augment_on == "loader",
+        "data.augment_on",
+        "must be loader for fine-tuning (timm's RandAugment and random erasing run per image in "
+        f"the loader), got '{cfg.data.augment_on}'",
+    )
+    _require(
         cfg.data.batch_size % 2 == 0 or (f.mixup == 0 and f.cutmix == 0),
         "data.batch_size",
         f"must be even with mixup/cutmix (images are mixed in pairs), got {cfg.data.batch_size}",
