@@ -369,7 +369,9 @@ def test_dataset_without_labels_is_refused(capsys, tmp_path, monkeypatch):
 def test_pretrain_refuses_a_finetune_recipe(tmp_path):
     from maect.engine import pretrain
 
-    with pytest.raises(ConfigError, match="use maect finetune"):
+    with pytest.raises(
+        ConfigError, match="starts from a pretrained encoder: maect finetune SOURCE"
+    ):
         pretrain(_cfg(), tmp_path / "run")
     with pytest.raises(ConfigError, match="applies to fine-tuning only"):
         load_config("mae/fmnist_vit_t", ["data.label_fraction=0.5"])
