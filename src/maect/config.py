@@ -713,6 +713,12 @@ def validate_finetune(cfg: RunConfig) -> None:
         f"got '{f.auto_augment}'",
     )
     _require(
+        "fsdp" not in cfg.trainer.strategy.lower(),
+        "trainer.strategy",
+        "fsdp is not supported for fine-tuning (its per-epoch evaluation, EMA and classifier.pt "
+        "use whole weights on every rank); use ddp",
+    )
+    _require(
         cfg.data.augment_on == "loader",
         "data.augment_on",
         "must be loader for fine-tuning (timm's RandAugment and random erasing run per image in "
