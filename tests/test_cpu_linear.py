@@ -230,3 +230,32 @@ def test_fit_module_applies_the_switch_and_keeps_the_state_dict(tiny_cfg, tmp_pa
     routed = [m for m in module.modules() if type(m) is OneDNNLinear]
     assert bool(routed) == (choice == "onednn")
     assert list(module.state_dict()) == keys
+
+
+def test_feature_extraction_routes_for_the_pass_only(monkeypatch):
+    """Evaluation encodes through oneDNN where training would (AMD) and gives the encoder its
+    plain linear layers back; the features agree with MKL's to float32 rounding."""
+    from maect.data.datasets import make_synthetic
+    from maect.data.transforms import eval_transform
+    from maect.evaluation import features as features_module
+    from maect.models.vit import ViTArch, build_encoder
+
+    encoder = build_encoder(ViTArch(img_size=28, patch_size=7, in_chans=1, embed_dim=32,
+                                    depth=2, num_heads=2, mlp_ratio=2.0))  # fmt: skip
+    data = make_synthetic(64, train=False, num_classes=4)
+    data.transform = eval_transform(28, 1, (0.5,), (0.25,))
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    routed_during = []
+    original = features_module.encode_layers
+
+    def spy(enc, *args, **kwargs):
+        routed_during.append(type(enc.blocks[0].mlp.fc1) is cpu_linear.OneDNNLinear)
+        return original(enc, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "encode_layers", spy)
+    fast, _ = features_module.extract_features(encoder, data, device="cpu", progress=False)
+    assert routed_during and all(routed_during) == cpu_linear.onednn_available()
+    assert all(type(m) is not cpu_linear.OneDNNLinear for m in encoder.modules())
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    plain, _ = features_module.extract_features(encoder, data, device="cpu", progress=False)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from maect.data.loader import build_loader
 from maect.distributed import rank, world_size
 from maect.evaluation.distributed import gather_rows_to_zero
+from maect.models.cpu_linear import cpu_matmul
 from maect.models.pooling import pool_tokens
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,10 @@ def extract_layer_features(
         encoder.eval().to(device)
     features, labels, indices = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # float32 products through oneDNN on AMD CPUs, as in training (trainer.cpu_matmul=auto)
+    matmul = contextlib.nullcontext() if encoder is None else cpu_matmul(encoder, "auto", device)
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, matmul:
             for batch in tqdm(loader, desc=desc, disable=not progress or rank() != 0, leave=False):
                 images = batch["image"].to(device, non_blocking=True)
                 pooled = encode_layers(encoder, images, pooling, layers)

@@ -11,7 +11,9 @@ modes (FLOP counters, fake tensors); anything else goes through ``F.linear`` as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -153,3 +155,16 @@ def apply_cpu_matmul(module: nn.Module, choice: str, device: torch.device) -> in
             log.warning("trainer.cpu_matmul=onednn: PyTorch has no oneDNN linear op; using MKL")
         return 0
     return route_linears(module)
+
+
+@contextlib.contextmanager
+def cpu_matmul(module: nn.Module, choice: str, device: torch.device) -> Iterator[int]:
+    """:func:`apply_cpu_matmul` for the duration of the block (e.g. a feature extraction); the
+    routed layers get their class back afterwards. Yields how many layers were routed."""
+    plain = [m for m in module.modules() if type(m) is nn.Linear]
+    routed = apply_cpu_matmul(module, choice, device)
+    try:
+        yield routed
+    finally:
+        for linear in plain:
+            linear.__class__ = nn.Linear
