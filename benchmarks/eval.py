@@ -14,7 +14,9 @@ Tasks, each timed once after a small warm-up call (maect on ``--device``, peers 
 
 - ``extract``: images/s of ``extract_features`` (data loader, eval transform, encoder under
   ``inference_mode``, bf16 autocast on CUDA) over ``--extract-images`` images, against the
-  encoder alone on resident batches (the ratio is the share of the model-only speed reached).
+  encoder alone on resident batches (the ratio is the share of the model-only speed reached);
+  on CPU also against the same extraction with MKL's products (``cpu_matmul="default"``; the
+  default routes the linear layers through oneDNN on AMD processors).
 - ``knn``: ``knn_predict`` (k=20, T=0.07; ``knn_accuracy`` is it plus a comparison) vs
   scikit-learn's brute-force cosine ``KNeighborsClassifier`` with the same ``exp(cos / T)`` vote
   (CPU; beyond ``--sklearn-queries`` queries timed on that many and scaled linearly), vs lightly's
@@ -149,9 +151,17 @@ def bench_extract(args: argparse.Namespace, device: torch.device) -> list[Row]:
     )
     batch = min(args.extract_batch, len(images))
 
-    def run_extract() -> torch.Tensor:
+    def run_extract(cpu_matmul: str = "auto") -> torch.Tensor:
         return extract_features(
-            encoder, dataset, "cls", None, batch, device, args.workers, progress=False
+            encoder,
+            dataset,
+            "cls",
+            None,
+            batch,
+            device,
+            args.workers,
+            progress=False,
+            cpu_matmul=cpu_matmul,
         )[0]
 
     resident = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=device)
@@ -171,7 +181,13 @@ def bench_extract(args: argparse.Namespace, device: torch.device) -> list[Row]:
     full = Row(bank, "extract", f"extract_features ({args.workers} workers)", t_extract, "")
     for row in (model, full):
         row.result = f"{len(images) / row.seconds:.0f} images/s; {what}"
-    return [model, *versus([full], model)]
+    rows = [model, *versus([full], model)]
+    if device.type == "cpu":  # the default (oneDNN linear layers on AMD) vs MKL's products
+        _, t_mkl = timed(lambda: run_extract("default"), device)
+        impl = f"extract_features, MKL linear ({args.workers} workers)"
+        mkl = Row(bank, "extract", impl, t_mkl, f"{len(images) / t_mkl:.0f} images/s; {what}")
+        rows += [*versus([dataclasses.replace(full)], mkl), mkl]
+    return rows
 
 
 def faiss_rows(bank: Bank, args: argparse.Namespace, device: torch.device) -> list[Row]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from maect.data.loader import build_loader
 from maect.distributed import rank, world_size
 from maect.evaluation.distributed import gather_rows_to_zero
-from maect.models.cpu_linear import cpu_matmul
+from maect.models.cpu_linear import cpu_matmul as routed
 from maect.models.pooling import pool_tokens
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
     shard: bool = False,
+    cpu_matmul: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of every readable image of ``dataset``, in dataset order.
 
@@ -153,6 +154,8 @@ def extract_features(
         shard: In a process group, share the work: rank ``r`` encodes images ``r, r + W, ...``
             and rank 0 receives all rows in dataset order (the others get empty tensors). Every
             rank must make the call.
+        cpu_matmul: On CPU, the encoder's float32 linear layers run through oneDNN for the pass
+            (``auto``: on AMD processors, as ``trainer.cpu_matmul``; ``onednn``; ``default``).
 
     Returns:
         ``(features [N, D] float32 on the CPU, labels [N] int64)``.
@@ -168,6 +171,7 @@ def extract_features(
         progress=progress,
         desc=desc,
         shard=shard,
+        cpu_matmul=cpu_matmul,
     )
     return features, labels
 
@@ -183,6 +187,7 @@ def extract_layer_features(
     progress: bool = True,
     desc: str = "features",
     shard: bool = False,
+    cpu_matmul: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`extract_features` for several blocks at once: one forward pass per batch
     (:func:`encode_layers`), one feature matrix per entry of ``layers``.
@@ -199,8 +204,7 @@ def extract_layer_features(
         encoder.eval().to(device)
     features, labels, indices = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # float32 products through oneDNN on AMD CPUs, as in training (trainer.cpu_matmul=auto)
-    matmul = contextlib.nullcontext() if encoder is None else cpu_matmul(encoder, "auto", device)
+    matmul = contextlib.nullcontext() if encoder is None else routed(encoder, cpu_matmul, device)
     try:
         with torch.inference_mode(), autocast, matmul:
             for batch in tqdm(loader, desc=desc, disable=not progress or rank() != 0, leave=False):
