@@ -99,6 +99,11 @@ def test_demo_profile_prints_the_table():
     assert "| total | | | " in out and "GFLOP per CPU s" in out
 
 
+def test_wait_policy_times_both_launches():
+    out = run("wait_policy.py", "--rounds", "1", "--steps", "2", "--batch", "8", "--busy", "0")
+    assert "maect (PASSIVE)    busy=0" in out and "libgomp default    busy=0" in out
+
+
 def test_data_prints_every_worker_case_and_the_device_augmentation():
     out = run(
         "data.py", "--device", "cpu", "--rounds", "1", "--per-class", "2", "--batch", "4",

@@ -57,6 +57,38 @@ def test_unknown_recipe_lists_available():
         load_config("mae/fmnist")
 
 
+def test_yaml_syntax_error_in_a_recipe_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("method: mae\ntrainer:\n  epochs: [1, 2\n  seed: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}:4: invalid YAML: "):
+        load_config(str(recipe))
+
+
+def test_yaml_syntax_error_in_an_override_names_the_override():
+    with pytest.raises(
+        ConfigError,
+        match=r"^override 'data.crop_scale=\[0.2,': the value is not valid YAML",
+    ):
+        load_config("mae/fmnist_vit_t", ["data.crop_scale=[0.2,"])
+
+
+def test_a_recipe_base_cycle_is_an_error(tmp_path):
+    selfish = tmp_path / "self.yaml"
+    selfish.write_text(f"base: {selfish}\nmethod: mae\n")
+    with pytest.raises(ConfigError, match=rf"recipe base cycle: {selfish} -> {selfish}$"):
+        load_config(str(selfish))
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\n")
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(ConfigError, match=rf"recipe base cycle: {a} -> {b} -> {a}$"):
+        load_config(str(a))
+
+
+def test_a_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe file not found: .*nothing\.yaml"):
+        load_config(str(tmp_path / "nothing.yaml"))
+
+
 def test_maect_head_temperature_must_be_positive():
     with pytest.raises(ConfigError, match="maect.head_temperature must be > 0, got 0.0"):
         load_config("maect/fmnist_vit_t", ["maect.head_temperature=0"])

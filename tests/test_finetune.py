@@ -372,7 +372,7 @@ def test_pretrain_refuses_a_finetune_recipe(tmp_path):
     from maect.engine import pretrain
 
     with pytest.raises(
-        ConfigError, match="starts from a pretrained encoder: maect finetune SOURCE"
+        ConfigError, match="is not for maect pretrain: train it with `maect finetune SOURCE"
     ):
         pretrain(_cfg(), tmp_path / "run")
     with pytest.raises(ConfigError, match="applies to fine-tuning only"):

@@ -128,7 +128,7 @@ def test_shipped_pipelines_resolve():
 def test_gpu_overrides_apply_only_on_a_gpu(tmp_path, monkeypatch, on_gpu):
     from maect import pipeline
 
-    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: on_gpu)
+    monkeypatch.setattr(pipeline, "on_gpu", lambda: on_gpu)
     recipe = _write(tmp_path, gpu_overrides=["data.subset=100"], gpu_note="on a GPU")
     path = tmp_path / "pipe.yaml"
     spec_yaml = yaml.safe_load(path.read_text())

@@ -225,11 +225,9 @@ def _crash_during_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(RunCheckpoint, "on_train_batch_start", crashing, raising=False)
 
 
-def _loss_rows(run: Path) -> list[tuple[str, str]]:
+def _loss_rows(run: Path, column: str = "train/loss_step") -> list[tuple[str, str]]:
     with open(run / "metrics.csv") as f:
-        return [
-            (r["step"], r["train/loss_step"]) for r in csv.DictReader(f) if r["train/loss_step"]
-        ]
+        return [(r["step"], r[column]) for r in csv.DictReader(f) if r[column]]
 
 
 def test_crash_mid_epoch_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
@@ -261,6 +259,11 @@ def test_crash_mid_epoch_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert resumed["lr_schedulers"] == whole["lr_schedulers"]
     assert _loss_rows(tmp_path / "crashed") == _loss_rows(tmp_path / "whole")
+    # the interrupted epoch's mean covers the steps before the crash too (checkpointed sums)
+    assert len(_loss_rows(tmp_path / "whole", "train/loss_epoch")) == 2
+    assert _loss_rows(tmp_path / "crashed", "train/loss_epoch") == _loss_rows(
+        tmp_path / "whole", "train/loss_epoch"
+    )
 
 
 # --------------------------------------------------------------------------- training data order

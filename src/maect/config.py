@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """ViT encoder and MAE decoder architecture."""
+    """ViT encoder and MAE decoder architecture.
+
+    Attributes:
+        img_size: Input image side in pixels (images are square).
+        patch_size: Patch side in pixels; ``img_size`` must be a multiple of it.
+        in_chans: Image channels: 1 (grayscale) or 3 (RGB).
+        embed_dim: Encoder width (token dimension).
+        depth: Number of encoder transformer blocks.
+        num_heads: Attention heads per encoder block; ``embed_dim`` must be divisible by it.
+        mlp_ratio: MLP hidden width as a multiple of ``embed_dim``.
+        decoder_dim: MAE decoder width.
+        decoder_depth: Number of MAE decoder blocks.
+        decoder_heads: Attention heads per decoder block.
+        grad_checkpointing: Recompute block activations in the backward pass (saves memory).
+    """
 
     img_size: int = 224
     patch_size: int = 16
@@ -58,6 +73,21 @@ class DataConfig:
     ``augment_on``: ``loader`` makes every view in the loader workers; ``device`` has the workers
     crop only and applies flip and the colour operations batched on the accelerator
     (:mod:`maect.data.device_augment`), with the same random draws per image.
+
+    Attributes:
+        name: Dataset: fashion-mnist, cifar10, cifar100, stl10, imagefolder, synthetic or shards.
+        root: Folder holding the dataset (default: the dataset's standard locations).
+        download: Let torchvision download the dataset into ``root``.
+        subset: Train on a fixed, class-balanced subset of this many images (null: all).
+        strict: Stop at an unreadable image instead of skipping and counting it.
+        batch_size: Images per device per step (global batch = this x devices x nodes x
+            accumulation).
+        num_workers: Data loader worker processes per device.
+        crop_scale: RandomResizedCrop area range [min, max] as fractions of the image.
+        hflip: Random horizontal flips.
+        synthetic_size: Number of images of the ``synthetic`` dataset (tests only).
+        augment_on: Where the views are augmented: loader (workers) or device (batched).
+        label_fraction: Fraction of the labelled training images fine-tuning uses (1: all).
     """
 
     name: str = "fashion-mnist"
@@ -76,7 +106,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with per-step linear warmup then cosine; ``lr = base_lr * global_batch / 256``."""
+    """AdamW with per-step linear warmup then cosine; ``lr = base_lr * global_batch / 256``.
+
+    Attributes:
+        base_lr: Learning rate per 256 images of global batch (peak lr after warmup).
+        weight_decay: AdamW weight decay on weight matrices (none on biases, norms, tokens).
+        betas: AdamW betas [beta1, beta2].
+        warmup_epochs: Linear warmup length in epochs (fractions allowed), then cosine.
+        min_lr: Learning rate at the end of the cosine.
+    """
 
     base_lr: float = 1.5e-4
     weight_decay: float = 0.05
@@ -99,6 +137,27 @@ class TrainerConfig:
     instead of MKL (maect.models.cpu_linear; same parameters and state dict), ``default`` leaves
     them to PyTorch, ``auto`` means ``onednn`` on AMD processors (where MKL takes its AVX2 path)
     and ``default`` elsewhere.
+
+    Attributes:
+        epochs: Training epochs (raising it on a finished run continues that run).
+        accelerator: Lightning accelerator: auto, cpu, gpu, cuda, mps, tpu ...
+        devices: Devices per node: auto, a count (e.g. 8), -1 (all) or a list of ids "0,1".
+        num_nodes: Number of machines.
+        strategy: Lightning strategy: auto, ddp, fsdp, deepspeed ... (a Lightning registry name).
+        precision: auto (bf16 autocast on GPU, fp32 on CPU), 32-true, bf16-mixed, 16-mixed,
+            bf16-true.
+        accumulate_grad_batches: Batches whose gradients are summed per optimizer step.
+        checkpoint_every: Keep ``checkpoints/epochNNNN.ckpt`` every this many epochs.
+        checkpoint_every_steps: Also rewrite ``last.ckpt`` every this many steps (0: epoch ends).
+        recon_every: Save reconstruction grids every this many epochs (and after the last).
+        monitor_every: Log the online k-NN accuracy every this many epochs (0: off).
+        log_every_n_steps: Log training metrics every this many steps.
+        seed: Seed of the data order, augmentations, masks and initialisation.
+        deterministic: Use PyTorch's deterministic kernels (bit-exact resume).
+        progress_bar: Show Lightning's progress bar.
+        skip_nonfinite: Skip (and count) steps with a NaN/inf loss instead of stopping.
+        compile: ``torch.compile`` every transformer block.
+        cpu_matmul: CPU float32 matrix products: auto, onednn or default (PyTorch's).
     """
 
     epochs: int = 800
@@ -125,7 +184,13 @@ class TrainerConfig:
 class MAEConfig:
     """Masked autoencoder objective. ``views`` augmented views of each image are masked and
     reconstructed independently (MAE-CT's stage-1 recipes use 2); the lr scales with
-    ``views x global batch``."""
+    ``views x global batch``.
+
+    Attributes:
+        mask_ratio: Fraction of patches masked (hidden from the encoder), in (0, 1).
+        norm_pix_loss: Reconstruct per-patch normalised pixels (mean 0, std 1 per patch).
+        views: Augmented views of each image, each masked and reconstructed on its own.
+    """
 
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
@@ -146,6 +211,21 @@ class CANConfig:
     unit-variance noise``; a zero weight removes its modules. ``projector``: ``mlp2`` =
     Linear(D, D)-ReLU-Linear(D, proj_dim) (default), ``mlp3bn`` = 3 layers ``proj_hidden_dim`` wide
     with BatchNorm. ``views`` names the augmentation pair.
+
+    Attributes:
+        mask_ratio: Fraction of patches masked in each view, in [0, 1).
+        norm_pix_loss: Reconstruct per-patch normalised pixels.
+        noise_std_max: Largest noise standard deviation (normalised pixel scale).
+        noise_embed_scale: Scale of the noise level before its sinusoidal embedding.
+        condition_mask_tokens: Add the noise embedding to the mask tokens too.
+        temperature: InfoNCE temperature.
+        weight_contrastive: Weight of the InfoNCE term.
+        weight_reconstruction: Weight of the masked-patch reconstruction term.
+        weight_denoising: Weight of the noise-prediction term.
+        projector: Contrastive projector: mlp2 or mlp3bn.
+        proj_dim: Projector output width.
+        proj_hidden_dim: Hidden width of the mlp3bn projector.
+        views: Augmentation pair: min, byol or simclr.
     """
 
     mask_ratio: float = 0.5
@@ -168,7 +248,30 @@ class MAECTConfig:
     """MAE-CT contrastive tuning (Lehner et al. 2023): stage 2 trains an NNCLR head on the frozen
     encoder for ``head_epochs`` at temperature ``head_temperature``; stage 3 tunes the top blocks
     for ``trainer.epochs`` with ``optim`` (lr per block x ``layer_decay`` ** (depth - j)) at
-    ``temperature``."""
+    ``temperature``.
+
+    Attributes:
+        init: The MAE run directory or checkpoint to tune (``init=`` of ``maect tune``).
+        views: Augmentation pair: min, byol or simclr.
+        pooling: Feature fed to the head: cls (CLS token) or mean (mean of patch tokens).
+        temperature: Stage-3 NNCLR loss temperature.
+        topk: The neighbour is drawn uniformly from the top-k queue entries.
+        queue_size: Entries in the nearest-neighbour queue (a multiple of the global batch).
+        proj_hidden_dim: Projector hidden width.
+        proj_dim: Projector output width.
+        pred_hidden_dim: Predictor hidden width.
+        target_ema: EMA momentum of the target projector.
+        encoder_ema: EMA momentum of the exported encoder (0: export the online encoder).
+        frozen_blocks: Bottom blocks kept frozen in stage 3 (null: half the depth).
+        layer_decay: Stage-3 lr factor per block below the top: layer_decay ** (depth - j).
+        head_epochs: Stage-2 epochs (NNCLR head on the frozen encoder; 0: skip stage 2).
+        head_base_lr: Stage-2 base lr (per 256 images, both views counted).
+        head_weight_decay: Stage-2 weight decay.
+        head_warmup_epochs: Stage-2 warmup epochs.
+        tune_head_base_lr: Stage-3 base lr of the head.
+        tune_head_weight_decay: Stage-3 weight decay of the head.
+        head_temperature: Stage-2 NNCLR loss temperature.
+    """
 
     init: str = ""
     views: str = "min"
@@ -202,7 +305,35 @@ class RefinerConfig:
     each global view's neighbour with each local view's prediction; ``official`` repeats the
     official code's indexing (predictions of views ``0 .. local_views - 1``). Stage 2 trains the
     heads on the frozen encoder for ``head_epochs``; stage 3 the whole encoder (minus the bottom
-    ``frozen_blocks``) with ``optim`` and layer decay. lr = base lr x global batch / 256."""
+    ``frozen_blocks``) with ``optim`` and layer decay. lr = base lr x global batch / 256.
+
+    Attributes:
+        init: The MAE run directory or checkpoint to refine (``init=`` of ``maect tune``).
+        blocks: Blocks with a head (0-based, negative from the end).
+        loss: nna (only the positive logit uses the neighbour) or nnclr.
+        views: Augmentation pair of the global views: min, byol or simclr.
+        local_views: Number of local views per image.
+        local_size: Side of the local views in pixels (a multiple of model.patch_size).
+        local_crop_scale: Crop area range [min, max] of the local views.
+        local_terms: fixed or official pairing of neighbours with local predictions.
+        pooling: Feature fed to the heads: cls or mean.
+        temperature: NNCLR/NNA loss temperature.
+        topk: The neighbour is drawn uniformly from the top-k queue entries.
+        queue_size: Entries in each head's nearest-neighbour queue.
+        proj_hidden_dim: Projector hidden width.
+        proj_dim: Projector output width.
+        pred_hidden_dim: Predictor hidden width.
+        head_activation: Activation of the heads: relu or gelu.
+        encoder_ema: EMA momentum of the exported encoder (0: export the online encoder).
+        frozen_blocks: Bottom blocks kept frozen in stage 3.
+        layer_decay: Stage-3 lr factor per block below the top: layer_decay ** (depth - j).
+        head_epochs: Stage-2 epochs (heads on the frozen encoder; 0: skip stage 2).
+        head_base_lr: Stage-2 base lr (per 256 images).
+        head_weight_decay: Stage-2 weight decay.
+        head_warmup_epochs: Stage-2 warmup epochs.
+        tune_head_base_lr: Stage-3 base lr of the heads.
+        tune_head_weight_decay: Stage-3 weight decay of the heads.
+    """
 
     init: str = ""
     blocks: list[int] = field(default_factory=lambda: [-1])
@@ -247,7 +378,27 @@ class FinetuneConfig:
     after every ``eval_every`` epochs (0: only after the last). ``robustness_subset=N`` (0: off)
     then scores the exported classifier on the ImageNet-C corruptions of a class-balanced N
     images of the evaluation split (``robustness_corruptions`` / ``robustness_severities``,
-    empty: all 15 / 1-5; ``maect.evaluation.evaluate_classifier``), into ``finetune.json``."""
+    empty: all 15 / 1-5; ``maect.evaluation.evaluate_classifier``), into ``finetune.json``.
+
+    Attributes:
+        init: The encoder to fine-tune: a run directory, a checkpoint, or scratch.
+        global_pool: What the head reads: avg (fc_norm of the mean patch token) or token (CLS).
+        layer_decay: lr factor per block below the top: layer_decay ** (depth - j).
+        drop_path: Stochastic depth rate (linearly increasing over the blocks).
+        mixup: Beta alpha of mixup (0: off).
+        cutmix: Beta alpha of cutmix (0: off).
+        mixup_prob: Probability of mixing a batch.
+        mixup_switch_prob: Probability of cutmix instead of mixup.
+        smoothing: Label smoothing.
+        auto_augment: timm RandAugment string (empty: none).
+        reprob: Random-erasing probability.
+        model_ema: Decay of an EMA of the weights, exported when on (0: off).
+        reset_head: Replace the head of a checkpoint that already holds a classifier.
+        eval_every: Score the evaluation split every this many epochs (0: after the last only).
+        robustness_subset: Images scored on the ImageNet-C corruptions after training (0: off).
+        robustness_corruptions: Corruptions to score (empty: all 15).
+        robustness_severities: Severities to score (empty: 1-5).
+    """
 
     init: str = ""
     global_pool: str = "avg"
@@ -270,7 +421,21 @@ class FinetuneConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; written to ``config.yaml`` in the run directory."""
+    """Everything a run needs; written to ``config.yaml`` in the run directory.
+
+    Attributes:
+        method: Method: mae, can (pretrain), maect, refiner (tune) or finetune (finetune).
+        recipe: Name or path of the recipe the config was built from.
+        model: Encoder and decoder architecture.
+        data: Dataset, loader and augmentations.
+        optim: Optimizer and learning-rate schedule.
+        trainer: Lightning Trainer settings and run-directory outputs.
+        mae: MAE objective (method mae).
+        can: CAN objective (method can).
+        maect: MAE-CT contrastive tuning (method maect).
+        refiner: MIM-Refiner (method refiner).
+        finetune: Supervised end-to-end fine-tuning (method finetune).
+    """
 
     method: str = "mae"
     recipe: str = ""
@@ -301,31 +466,113 @@ def recipe_root() -> Path:
     return Path(str(resources.files("maect") / "recipes"))
 
 
+PIPELINE_PREFIX = "pipelines/"
+
+
+def _shipped_recipes() -> list[str]:
+    root = recipe_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
 def available_recipes() -> list[str]:
     """Names of all shipped run recipes, e.g. ``mae/fmnist_vit_t`` (pipelines excluded)."""
-    root = recipe_root()
-    names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("pipelines/"))
+    return [n for n in _shipped_recipes() if not n.startswith(PIPELINE_PREFIX)]
 
 
-def read_recipe(name: str) -> dict[str, Any]:
-    """Load a recipe by name or path, resolving its ``base:`` chain."""
+def available_pipelines() -> list[str]:
+    """Names of the shipped pipeline recipes (for ``maect run``), e.g. ``pipelines/demo_fmnist``."""
+    return [n for n in _shipped_recipes() if n.startswith(PIPELINE_PREFIX)]
+
+
+def is_pipeline(data: dict[str, Any]) -> bool:
+    """Whether a read recipe is a pipeline (it has ``stages``) rather than a method recipe."""
+    return "stages" in data
+
+
+def recipe_path(name: str) -> Path:
+    """The file of a recipe given by shipped name or by path; unknown names get a did-you-mean."""
     path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = recipe_root() / f"{name}.yaml"
-    if not path.is_file():
-        close = difflib.get_close_matches(name, available_recipes(), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown recipe '{name}'.{hint} Available: {', '.join(available_recipes())}"
-        )
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {name}")
+        return path
+    path = recipe_root() / f"{name}.yaml"
+    if path.is_file():
+        return path
+    pipeline = name.startswith(PIPELINE_PREFIX)
+    close = difflib.get_close_matches(name, _shipped_recipes(), n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    listing = (
+        "`maect recipes pipelines` lists the pipelines"
+        if pipeline
+        else ("`maect recipes` lists them")
+    )
+    raise ConfigError(f"unknown recipe '{name}'.{hint} ({listing}, or give a YAML file)")
+
+
+def recipe_summaries(pattern: str = "") -> list[tuple[str, str, str]]:
+    """``(name, command that takes it, one-line description)`` of every shipped recipe whose
+    name contains ``pattern`` (case-insensitive) or matches it as a shell pattern."""
+    rows = []
+    for name in _shipped_recipes():
+        if pattern and pattern.lower() not in name.lower() and not fnmatch.fnmatch(name, pattern):
+            continue
+        data = read_recipe(name)
+        if is_pipeline(data):
+            rows.append((name, "run", f"pipeline: {first_phrase(data.get('description', ''))}"))
+        else:
+            command = METHOD_COMMANDS.get(data.get("method", RunConfig.method), "?")
+            rows.append((name, command, first_phrase(_leading_comment(recipe_path(name)))))
+    return rows
+
+
+def _leading_comment(path: Path) -> str:
+    """The ``#`` comment lines at the top of a YAML file, joined."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def first_phrase(text: str) -> str:
+    """``text`` up to its first ``. ``, ``: `` or ``; `` outside parentheses (not ``et al. ``)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and text[i : i + 2] in (". ", ": ", "; ") and not text[:i].endswith(" al"):
+            return text[:i]
+    return text.rstrip(".:")
+
+
+def _load_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error names the file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read recipe {path}: {err}") from None
+
+
+def read_recipe(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a recipe by name or path, resolving its ``base:`` chain (a cycle is an error)."""
+    if name in _chain:
+        raise ConfigError(f"recipe base cycle: {' -> '.join([*_chain, name])}")
+    path = recipe_path(name)
+    data = _load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values")
     base = data.pop("base", None)
     if base is None:
         return data
-    return deep_merge(read_recipe(base), data)
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base must be a recipe name or path, got {base!r}")
+    return deep_merge(read_recipe(base, (*_chain, name)), data)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -355,8 +602,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _override_value(item, raw)
     return nested
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The YAML value of one override; a syntax error names the override."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem})") from None
 
 
 # --------------------------------------------------------------------------- typed loading
@@ -731,9 +989,46 @@ def validate_finetune(cfg: RunConfig) -> None:
     )
 
 
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, else ``""``."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# The command that trains each method's recipes.
+METHOD_COMMANDS = {
+    m: "tune" if m in TUNING_METHODS else "finetune" if m == "finetune" else "pretrain"
+    for m in METHODS
+}
+
+
+def command_usage(method: str, recipe: str) -> str:
+    """The command line that trains ``recipe`` of ``method``."""
+    command = METHOD_COMMANDS.get(method)
+    if command == "tune":
+        return f"maect tune recipe={recipe} init=MAE_RUN out=DIR"
+    if command == "finetune":
+        return f"maect finetune SOURCE recipe={recipe} out=DIR"
+    return f"maect pretrain recipe={recipe} out=DIR"
+
+
+def check_command(cfg: RunConfig, command: str) -> None:
+    """Refuse a method recipe given to a command that does not train its method."""
+    if METHOD_COMMANDS[cfg.method] != command:
+        raise ConfigError(
+            f"recipe {cfg.recipe} (method {cfg.method}) is not for maect {command}: "
+            f"train it with `{command_usage(cfg.method, cfg.recipe)}`"
+        )
+
+
 def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     """Resolve a recipe plus ``dotted.key=value`` overrides into a validated :class:`RunConfig`."""
-    data = deep_merge(read_recipe(recipe), parse_overrides(overrides or []))
+    data = read_recipe(recipe)
+    if is_pipeline(data):
+        raise ConfigError(
+            f"{recipe} is a pipeline, not a method recipe: run it with `maect run recipe={recipe}`"
+        )
+    data = deep_merge(data, parse_overrides(overrides or []))
     data.setdefault("recipe", recipe)
     return validate(from_dict(RunConfig, data))
 
@@ -754,3 +1049,31 @@ def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif va != vb:
             out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
     return out
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help text of each field of dataclass ``cls``, from the ``Attributes:`` section of its
+    docstring (Google style: ``name: text``, continuation lines indented further)."""
+    lines = (cls.__doc__ or "").splitlines()
+    helps: dict[str, str] = {}
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return helps
+    indent = None
+    current = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            current = None
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        name, sep, text = line.strip().partition(":")
+        if depth == indent and sep and name.isidentifier():
+            current = name
+            helps[name] = text.strip()
+        elif current is not None:
+            helps[current] += " " + line.strip()
+    return helps

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from timm.models.vision_transformer import Block
 
 from maect.callbacks import ProgressBar, ReconstructionGrid, Throughput
 from maect.checkpoints import save_encoder
-from maect.config import ConfigError, RunConfig, diff_configs
+from maect.config import ConfigError, RunConfig, check_command, did_you_mean
 from maect.data.datasets import ImageDataset, SubsetDataset, build_dataset, normalization_stats
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
@@ -35,25 +34,11 @@ from maect.faults import AtomicCheckpointIO, DeviceMemoryError, resume_checkpoin
 from maect.methods import METHOD_CLASSES, PretrainMethod
 from maect.models.cpu_linear import apply_cpu_matmul
 from maect.models.vit import MaskedViT, set_grad_checkpointing
+from maect.rundir import RunDirectory
 from maect.sharding import BlockFSDPStrategy, check_resume_strategy, is_fsdp, whole_state_dict
 
 log = logging.getLogger(__name__)
 
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_KEYS = (
-    "data.num_workers",
-    "data.root",
-    "trainer.progress_bar",
-    "trainer.devices",
-    "trainer.accelerator",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.checkpoint_every_steps",
-    "trainer.skip_nonfinite",
-    "trainer.compile",
-    "model.grad_checkpointing",
-    "trainer.cpu_matmul",
-)
 PREVIEW_IMAGES = 8
 # The CSV logger writes metrics.csv into the run directory, which is never empty.
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
@@ -92,27 +77,49 @@ class RunCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
 
-def prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """Create ``run_dir`` and write ``config.yaml``; refuse to resume with a different config.
+def check_trainer(cfg: RunConfig) -> None:
+    """Check ``trainer.accelerator``, ``trainer.devices`` and ``trainer.strategy`` against
+    Lightning's accelerator and strategy registries and this machine, before anything is written
+    (combinations that only Lightning's Trainer refuses are caught in :func:`fit_module`)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
 
-    Every rank calls this; the file is replaced atomically so no rank reads a partial one.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        changed = [
-            d
-            for d in diff_configs(yaml.safe_load(path.read_text()), cfg.to_dict())
-            if not d.startswith(RESUMABLE_KEYS)
-        ]
-        if changed:
-            raise ConfigError(
-                f"{run_dir} already holds a run with another config ({'; '.join(changed)}). "
-                "Use a new out= directory, or repeat the original command to resume."
-            )
-    tmp = path.with_name(f"config.yaml.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    t = cfg.trainer
+    registered = sorted(AcceleratorRegistry.available_accelerators())
+    names = ["auto", "gpu", *registered]
+    if t.accelerator not in names:
+        raise ConfigError(
+            f"trainer.accelerator must be one of {', '.join(names)}, got '{t.accelerator}'"
+            + did_you_mean(t.accelerator, names)
+        )
+    strategies = StrategyRegistry.available_strategies()
+    if t.strategy.lower() != "auto" and t.strategy.lower() not in strategies:
+        main_names = [s for s in strategies if s.count("_") <= 1]  # not the option variants
+        raise ConfigError(
+            f"trainer.strategy '{t.strategy}' is not a Lightning strategy"
+            + did_you_mean(t.strategy.lower(), strategies)
+            + f" (auto, {', '.join(main_names)} or their variants in Lightning's StrategyRegistry)"
+        )
+    available = [n for n in registered if AcceleratorRegistry[n]["accelerator"].is_available()]
+    if t.accelerator == "auto":
+        name = next((n for n in ("tpu", "mps", "cuda") if n in available), "cpu")
+    elif t.accelerator == "gpu":
+        name = next((n for n in ("mps", "cuda") if n in available), "")
+    else:
+        name = t.accelerator if t.accelerator in available else ""
+    if not name:
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator} is not available on this machine "
+            f"(available: {', '.join(available)})"
+        )
+    if t.devices == "auto":
+        return
+    try:
+        devices = AcceleratorRegistry[name]["accelerator"].parse_devices(t.devices)
+    except Exception as err:  # Lightning raises TypeError, ValueError or its own exception
+        raise ConfigError(f"trainer.devices={t.devices!r} is not valid for {name}: {err}") from None
+    if devices in ([], 0, "0"):
+        raise ConfigError(f"trainer.devices must name at least one device, got {t.devices!r}")
 
 
 def resolve_precision(precision: str) -> str:
@@ -237,15 +244,36 @@ def fit_module(
     run_dir: Path,
     callbacks: list[Callback],
     dev_run: int = 0,
+    run: RunDirectory | None = None,
 ) -> L.Trainer:
     """Train ``module`` on ``dataset`` (whose transform is already set), resuming from the newest
-    readable checkpoint in ``run_dir/checkpoints`` (see :func:`maect.faults.resume_checkpoint`)."""
+    readable checkpoint in ``run_dir/checkpoints`` (see :func:`maect.faults.resume_checkpoint`).
+
+    ``run`` (the command's run directory) is committed, i.e. ``config.yaml`` and ``run.json``
+    written, only after the loader has one full batch, Lightning accepted the trainer, the
+    module's world-size checks passed and the checkpoint to resume from (if any) was found
+    readable and of a compatible strategy."""
     d = cfg.data
     loader = build_loader(
         dataset, d.batch_size, d.num_workers, shuffle=True, drop_last=True, seed=cfg.trainer.seed
     )
-    loader.sampler.num_batches()  # ConfigError now if there is not one full batch
-    trainer = build_trainer(cfg, run_dir, callbacks, dev_run)
+    batches = loader.sampler.num_batches()  # ConfigError now if there is not one full batch
+    t = cfg.trainer
+    try:
+        trainer = build_trainer(cfg, run_dir, callbacks, dev_run)
+    # combinations only Lightning checks, strategies whose package is missing (deepspeed, xla)
+    except (MisconfigurationException, ValueError, ImportError, TypeError) as err:
+        raise ConfigError(
+            f"Lightning refuses trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
+            f"trainer.strategy={t.strategy}, trainer.num_nodes={t.num_nodes}: {err}"
+        ) from None
+    module.check_world(trainer.world_size)
+    found = None if dev_run else resume_checkpoint(run_dir / "checkpoints", cfg.to_dict()["model"])
+    if found is not None:
+        saved = found[1].get("hyper_parameters", {}).get("config", {}).get("trainer", {})
+        check_resume_strategy(saved.get("strategy"), cfg.trainer.strategy)
+    if run is not None:
+        run.commit()
     if cfg.model.grad_checkpointing:
         log.info("activation checkpointing in %d modules", set_grad_checkpointing(module.modules()))
     if cfg.trainer.compile:
@@ -253,16 +281,22 @@ def fit_module(
     routed = apply_cpu_matmul(module, cfg.trainer.cpu_matmul, trainer.strategy.root_device)
     if routed:
         log.info("trainer.cpu_matmul: %d linear layers through oneDNN", routed)
-    found = None if dev_run else resume_checkpoint(run_dir / "checkpoints", cfg.to_dict()["model"])
     resume = None
     if found is not None:
         resume, ckpt = found
-        saved = ckpt.get("hyper_parameters", {}).get("config", {}).get("trainer", {})
-        check_resume_strategy(saved.get("strategy"), cfg.trainer.strategy)
         log.warning("resuming %s from %s", run_dir, resume)
         if "data_position" in ckpt:
             loader.sampler.resume(**ckpt["data_position"])
         keep_metrics(trainer.loggers[0], ckpt["global_step"])
+    log.info(
+        "training %s: %d batches per epoch to epoch %d on %s x %d (%s)",
+        run_dir,
+        batches,
+        t.epochs,
+        type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        trainer.num_devices,
+        trainer.precision,
+    )
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     except torch.OutOfMemoryError as err:
@@ -289,7 +323,11 @@ def exported_encoder(module: PretrainMethod) -> MaskedViT:
 def pretrain(
     cfg: RunConfig, out: str | Path, dev_run: int = 0, callbacks: list[Callback] | None = None
 ) -> Path:
-    """Train ``cfg.method`` from scratch into run directory ``out`` (resuming it if interrupted).
+    """Train ``cfg.method`` from scratch into run directory ``out``: resume it if interrupted,
+    do nothing if finished, continue it if ``trainer.epochs`` was raised on a finished run.
+
+    Every check (the recipe's method, the trainer settings, ``out=``, the dataset, one full
+    batch) runs before anything is written (see :mod:`maect.rundir`).
 
     Args:
         cfg: Validated run configuration.
@@ -300,17 +338,18 @@ def pretrain(
     Returns:
         The run directory.
     """
-    if cfg.method not in METHOD_CLASSES:
-        command = "maect finetune SOURCE" if cfg.method == "finetune" else "maect tune ... init=RUN"
-        raise ConfigError(
-            f"maect pretrain trains {', '.join(METHOD_CLASSES)}; {cfg.recipe or 'this config'} has "
-            f"method={cfg.method}, which starts from a pretrained encoder: {command}"
-        )
-    run_dir = Path(out)
-    prepare_run_dir(run_dir, cfg)
-    if (run_dir / "encoder.pt").is_file() and not dev_run:
-        log.warning("%s is complete (encoder.pt exists); nothing to do", run_dir)
-        return run_dir
+    check_command(cfg, "pretrain")
+    check_trainer(cfg)
+    with RunDirectory(out, cfg.to_dict(), dev_run=bool(dev_run)) as run:
+        if not run.complete:
+            _pretrain(cfg, run, dev_run, callbacks)
+    return run.path
+
+
+def _pretrain(
+    cfg: RunConfig, run: RunDirectory, dev_run: int, callbacks: list[Callback] | None
+) -> None:
+    run_dir = run.path
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dataset = training_dataset(cfg)
     mean, std = normalization_stats(cfg.data.name, cfg.model.in_chans)
@@ -329,9 +368,9 @@ def pretrain(
         log.warning("reconstruction grids disabled under FSDP")
     else:
         extra.insert(0, recon)
-    trainer = fit_module(cfg, module, dataset, run_dir, extra, dev_run)
+    trainer = fit_module(cfg, module, dataset, run_dir, extra, dev_run, run)
     encoder = exported_encoder(module) if not dev_run else None
     if trainer.is_global_zero and encoder is not None:
         save_encoder(encoder, run_dir / "encoder.pt")
     trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
-    return run_dir
+    run.finish()

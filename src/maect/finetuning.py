@@ -39,7 +39,7 @@ from maect.data.datasets import (
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
 from maect.data.transforms import eval_transform, eval_view, to_normalized
-from maect.engine import fit_module, prepare_run_dir, resolve_precision, training_dataset
+from maect.engine import check_trainer, fit_module, resolve_precision, training_dataset
 from maect.evaluation.accuracy import accuracy_summary, classifier_counts
 from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
@@ -47,6 +47,7 @@ from maect.methods.base import arch_from_config
 from maect.methods.finetune import FineTuning
 from maect.models.classifier import ViTClassifier, classifier_from_state
 from maect.models.vit import MaskedViT, ViTArch
+from maect.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -265,21 +266,35 @@ def finetune(
             f"checkpoint, or {SCRATCH})"
         )
     robustness_settings(cfg)  # bad names fail before any work
-    run_dir = Path(out)
+    check_trainer(cfg)
+    with RunDirectory(
+        out,
+        cfg.to_dict(),
+        dev_run=bool(dev_run),
+        done_file=RESULT_FILE,
+        final_outputs=("classifier.pt", RESULT_FILE),
+        extendable=False,
+    ) as run:
+        if not run.complete:
+            _finetune(cfg, run, dev_run, callbacks)
+    return run.path
+
+
+def _finetune(
+    cfg: RunConfig, run: RunDirectory, dev_run: int, callbacks: list[Callback] | None
+) -> None:
+    run_dir = run.path
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the new head's init
     train, test = finetune_datasets(cfg)  # bad data and sources fail before the run directory
     classifier = source_classifier(cfg, train.num_classes)
-    prepare_run_dir(run_dir, cfg)
-    if (run_dir / RESULT_FILE).is_file() and not dev_run:
-        log.warning("%s is complete (%s exists); nothing to do", run_dir, RESULT_FILE)
-        return run_dir
     if cfg.trainer.epochs == 0:
+        run.commit()  # (training commits after its own checks, in fit_module)
         scores, exported = evaluate_only(cfg, classifier, test), classifier
         main = rank_zero_only.rank == 0  # under a launcher every process scores; one writes
     else:
         module = FineTuning(cfg, classifier, test)
         train.transform = module.train_transform()
-        trainer = fit_module(cfg, module, train, run_dir, callbacks or [], dev_run)
+        trainer = fit_module(cfg, module, train, run_dir, callbacks or [], dev_run, run)
         if not module.scores:  # resumed after the last epoch's checkpoint: score again
             module.trainer = trainer
             module.scores = module.evaluate()
@@ -293,7 +308,7 @@ def finetune(
         log.info("fine-tuned top-1 %.2f %%, top-5 %.2f %%", record["top1"], record["top5"])
     if cfg.trainer.epochs > 0:
         trainer.strategy.barrier(RESULT_FILE)  # a next pipeline stage on any rank reads it
-    return run_dir
+    run.finish()
 
 
 # --------------------------------------------------------------------------- seeds

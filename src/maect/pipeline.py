@@ -20,9 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from maect.config import SCRATCH, ConfigError, from_dict, load_config, read_recipe
+from maect.config import (
+    SCRATCH,
+    ConfigError,
+    RunConfig,
+    check_command,
+    command_usage,
+    from_dict,
+    is_pipeline,
+    load_config,
+    read_recipe,
+)
 
 COMMANDS = ("pretrain", "tune", "finetune")
 # The file whose presence marks a stage of each command as complete.
@@ -90,6 +98,12 @@ class PipelineSpec:
 def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Comparison]]:
     """Read and check a pipeline recipe (``pipelines/NAME`` or a YAML path)."""
     data = read_recipe(name if "/" in name or name.endswith(".yaml") else f"pipelines/{name}")
+    if not is_pipeline(data):
+        usage = command_usage(data.get("method", RunConfig.method), name)
+        raise ConfigError(
+            f"{name} is a method recipe, not a pipeline: train it with `{usage}` "
+            "(`maect recipes pipelines` lists the pipelines)"
+        )
     stages_raw = data.pop("stages", [])
     comparisons_raw = data.pop("comparisons", [])
     spec = from_dict(PipelineSpec, data)
@@ -127,17 +141,25 @@ def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Compar
     return spec, stages, comparisons
 
 
+def on_gpu() -> bool:
+    """Whether a GPU is available (the ``gpu_*`` overrides and notes apply)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[str]):
     """The validated run config of one stage, with the pipeline-wide and CLI overrides."""
-    on_gpu = torch.cuda.is_available()
+    gpu = on_gpu()
     overrides = [
         *spec.overrides,
-        *(spec.gpu_overrides if on_gpu else []),
+        *(spec.gpu_overrides if gpu else []),
         *stage.overrides,
-        *(stage.gpu_overrides if on_gpu else []),
+        *(stage.gpu_overrides if gpu else []),
         *extra,
     ]
     cfg = load_config(stage.recipe, overrides)
+    check_command(cfg, stage.command)
     if stage.command == "tune":
         from maect.tuning import with_init
 
@@ -150,7 +172,7 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, out: Path, extra: list[st
 
 def pipeline_note(spec: PipelineSpec) -> str:
     """The note printed under the table: ``gpu_note`` on a GPU when the recipe has one."""
-    return spec.gpu_note if torch.cuda.is_available() and spec.gpu_note else spec.note
+    return spec.gpu_note if on_gpu() and spec.gpu_note else spec.note
 
 
 def cpu_name() -> str:
@@ -166,8 +188,10 @@ def cpu_name() -> str:
 
 def device_name(cfg: Any | None = None) -> str:
     """The GPU's name when training runs on one, else the CPU's."""
-    on_gpu = torch.cuda.is_available() and (cfg is None or cfg.trainer.accelerator != "cpu")
-    return torch.cuda.get_device_name() if on_gpu else cpu_name()
+    import torch
+
+    gpu = on_gpu() and (cfg is None or cfg.trainer.accelerator != "cpu")
+    return torch.cuda.get_device_name() if gpu else cpu_name()
 
 
 def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
@@ -200,25 +224,114 @@ def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
     return float(json.loads(timing_file.read_text())["train_seconds"])
 
 
+@dataclass
+class ResolvedPipeline:
+    """A pipeline with every stage's config (per run directory) and the evaluation settings
+    checked."""
+
+    name: str
+    spec: PipelineSpec
+    stages: list[StageSpec]
+    comparisons: list[Comparison]
+    out: Path
+    configs: dict[Path, RunConfig]
+    eval_items: list[str]
+
+
+def resolve_pipeline(
+    name: str, out: str | None = None, overrides: list[str] | None = None
+) -> ResolvedPipeline:
+    """Load pipeline ``name`` and check everything a run needs before the first stage trains:
+    every stage's config, trainer settings and run directories, and the evaluation settings.
+
+    Overrides starting with ``eval.`` go to every evaluation, the others to every stage.
+    """
+    from maect.rundir import check_out_dir, plan_run
+
+    spec, stages, comparisons = load_pipeline(name)
+    from maect.engine import check_trainer  # after the cheap checks: torch loads here
+    from maect.evaluation.command import load_eval_config
+
+    out_dir = Path(out or spec.out)
+    check_out_dir(out_dir)
+    extra = overrides or []
+    stage_extra = [o for o in extra if not o.startswith("eval.")]
+    eval_extra = [o[len("eval.") :] for o in extra if o.startswith("eval.")]
+    configs = {}
+    for stage in stages:
+        for run_dir, seed in stage.run_dirs(out_dir):
+            cfg = stage_config(spec, stage, out_dir, [*stage_extra, *seed])
+            check_trainer(cfg)
+            plan_run(run_dir, cfg.to_dict(), DONE_FILES[stage.command])  # another config: now
+            configs[run_dir] = cfg
+    gpu_eval = spec.gpu_eval_overrides if on_gpu() else []
+    eval_items = [*spec.eval_overrides, *gpu_eval, *eval_extra, "progress=false"]
+    load_eval_config(eval_items)
+    return ResolvedPipeline(name, spec, stages, comparisons, out_dir, configs, eval_items)
+
+
+def plan_pipeline(
+    name: str, out: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """What ``maect run`` would do (the dry run): every stage's command, plan and config (per
+    run directory), and the evaluation settings."""
+    from maect.evaluation.command import load_eval_config
+    from maect.rundir import plan_run
+
+    p = resolve_pipeline(name, out, overrides)
+    stages = {}
+    for stage in p.stages:
+        for run_dir, _ in stage.run_dirs(p.out):
+            cfg = p.configs[run_dir]
+            init = f" init={p.out / stage.init}" if stage.command == "tune" else ""
+            source = f" {cfg.finetune.init}" if stage.command == "finetune" else ""
+            stages[str(run_dir.relative_to(p.out))] = {
+                "command": f"maect {stage.command}{source} recipe={stage.recipe}{init} "
+                f"out={run_dir}",
+                "plan": plan_run(run_dir, cfg.to_dict(), DONE_FILES[stage.command]).describe(),
+                "config": cfg.to_dict(),
+            }
+    evaluation = dataclasses.asdict(load_eval_config(p.eval_items))
+    return {
+        "pipeline": name,
+        "out": str(p.out),
+        "stages": stages,
+        "evaluate": {"sources": p.spec.evaluate, "settings": evaluation},
+    }
+
+
 def run_pipeline(
     name: str, out: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """Run every stage and evaluation of pipeline ``name``; returns ``results.json``'s content.
 
-    Overrides starting with ``eval.`` go to every evaluation, the others to every stage. Prints
-    the device, the time each stage and evaluation took, the time left in a training stage as it
-    trains, and the total.
+    Overrides starting with ``eval.`` go to every evaluation, the others to every stage. Every
+    stage's config and the evaluation settings are checked before the first stage trains; the
+    pipeline directory is locked against a second ``maect run`` on it. Prints the device, the
+    time each stage and evaluation took, the time left in a training stage as it trains, and
+    the total.
     """
+    from maect.rundir import RunLock, is_launch_leader
+
+    started = time.perf_counter()
+    p = resolve_pipeline(name, out, overrides)
+    p.out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(p.out)
+    if is_launch_leader():
+        lock.acquire()
+    try:
+        return _run_pipeline(p, started)
+    finally:
+        lock.release()
+
+
+def _run_pipeline(p: ResolvedPipeline, started: float) -> dict[str, Any]:
+    import torch
+
     from maect.callbacks import format_duration
     from maect.evaluation.command import evaluate, load_eval_config
 
-    started = time.perf_counter()
-    spec, stages, comparisons = load_pipeline(name)
-    out_dir = Path(out or spec.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra = overrides or []
-    stage_extra = [o for o in extra if not o.startswith("eval.")]
-    eval_extra = [o[len("eval.") :] for o in extra if o.startswith("eval.")]
+    out_dir, spec, name, stages = p.out, p.spec, p.name, p.stages
     print(
         f"maect run {name}: {len(stages)} training stages, {len(spec.evaluate)} evaluations on "
         f"{device_name()} ({torch.get_num_threads()} CPU threads)",
@@ -239,19 +352,17 @@ def run_pipeline(
         stage_started = time.perf_counter()
         seconds: list[float | None] = []
         for run_dir, seed in stage.run_dirs(out_dir):
-            cfg = stage_config(spec, stage, out_dir, [*stage_extra, *seed])  # validate first
             where = f" ({run_dir.name})" if seed else ""
             print(
                 f"\n=== stage {stage.name}{where}: maect {stage.command} recipe={stage.recipe}",
                 flush=True,
             )
-            seconds.append(run_stage(stage, cfg, run_dir))
+            seconds.append(run_stage(stage, p.configs[run_dir], run_dir))
         known = [t for t in seconds if t is not None]
         train_seconds[stage.name] = sum(known) if len(known) == len(seconds) else None
         pending.pop(0)
         done(f"stage {stage.name} done", stage_started, pending)
 
-    gpu_eval = spec.gpu_eval_overrides if torch.cuda.is_available() else []
     results: dict[str, Any] = {}
     for source in spec.evaluate:
         target = out_dir / source
@@ -260,7 +371,7 @@ def run_pipeline(
         if not eval_file.is_file():
             print(f"\n=== evaluate {source}", flush=True)
             eval_started = time.perf_counter()
-            items = [*spec.eval_overrides, *gpu_eval, *eval_extra, "progress=false"]
+            items = list(p.eval_items)
             if source == PIXELS:
                 items.append(f"out={target}")
             cfg = load_eval_config(items)
@@ -277,7 +388,7 @@ def run_pipeline(
         "note": pipeline_note(spec),
         "train_seconds": train_seconds,
         "results": results,
-        "comparisons": [check(c, results) for c in comparisons],
+        "comparisons": [check(c, results) for c in p.comparisons],
     }
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     table = format_results(summary)

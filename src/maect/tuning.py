@@ -19,13 +19,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from maect.checkpoints import CheckpointError, atomic_save, load_encoder, save_encoder
-from maect.config import TUNING_METHODS, ConfigError, MAECTConfig, RefinerConfig, RunConfig
-from maect.engine import exported_encoder, fit_module, prepare_run_dir, training_dataset
+from maect.config import (
+    TUNING_METHODS,
+    ConfigError,
+    MAECTConfig,
+    RefinerConfig,
+    RunConfig,
+    check_command,
+)
+from maect.engine import check_trainer, exported_encoder, fit_module, training_dataset
 from maect.evaluation.monitor import build_monitor
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
 from maect.models.vit import MaskedViT
+from maect.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +93,22 @@ def tune(
     cfg: RunConfig, out: str | Path, callbacks: list[Callback] | None = None, dev_run: int = 0
 ) -> Path:
     """Run stages 2 and 3 of ``cfg.method`` (MAE-CT or MIM-Refiner) into ``out`` (resuming
-    either stage); ``callbacks`` join the trainers of both stages."""
-    section = tuning_section(cfg)  # refuses a method that is not tuned
+    either stage; raising ``trainer.epochs`` on a finished run continues stage 3); ``callbacks``
+    join the trainers of both stages. Nothing is written before the checks pass."""
+    check_command(cfg, "tune")
+    check_trainer(cfg)
+    with RunDirectory(out, cfg.to_dict(), dev_run=bool(dev_run)) as run:
+        if not run.complete:
+            _tune(cfg, run, callbacks, dev_run)
+    return run.path
+
+
+def _tune(
+    cfg: RunConfig, run: RunDirectory, callbacks: list[Callback] | None, dev_run: int
+) -> None:
+    section = tuning_section(cfg)
     stages = STAGES[cfg.method]
-    run_dir = Path(out)
-    prepare_run_dir(run_dir, cfg)
-    if (run_dir / "encoder.pt").is_file() and not dev_run:
-        log.warning("%s is complete (encoder.pt exists); nothing to do", run_dir)
-        return run_dir
+    run_dir = run.path
     load_init_encoder(cfg)  # fail early on a wrong checkpoint
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dataset = training_dataset(cfg)
@@ -104,7 +120,7 @@ def tune(
             head = stages.head(cfg, load_init_encoder(cfg))
             dataset.transform = head.train_transform()
             trainer = fit_module(
-                head.cfg, head, dataset, run_dir / "head", list(callbacks or []), dev_run
+                head.cfg, head, dataset, run_dir / "head", list(callbacks or []), dev_run, run
             )
             head_state = head.head_state()  # every rank: under FSDP a gather
             if trainer.is_global_zero and not dev_run:
@@ -117,9 +133,9 @@ def tune(
     dataset.transform = tuning.train_transform()
     monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
     stage3_callbacks = [*([monitor] if monitor is not None else []), *(callbacks or [])]
-    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run)
+    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run, run)
     encoder = exported_encoder(tuning) if not dev_run else None
     if trainer.is_global_zero and encoder is not None:
         save_encoder(encoder, run_dir / "encoder.pt")
     trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
-    return run_dir
+    run.finish()

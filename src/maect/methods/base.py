@@ -99,6 +99,10 @@ class PretrainMethod(LightningModule):
         """The encoder whose weights are written to ``encoder.pt``."""
         return self.encoder
 
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the number of processes (raise ConfigError); the engine runs them
+        before anything is written to the run directory."""
+
     # ---------------------------------------------------------------- lightning
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -132,10 +136,37 @@ class PretrainMethod(LightningModule):
             position = {"epoch": self.current_epoch, "images": images}
         checkpoint["data_position"] = position
         checkpoint["skipped_nonfinite"] = self.guard.skipped
+        if position["images"]:  # mid-epoch: the running sums of the epoch means (over ranks)
+            checkpoint["epoch_sums"] = {
+                name: [float(total), float(count)]
+                for name, (total, count) in self._epoch_sums.items()
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the skipped-step count (the data position is read by the engine)."""
+        """Restore the skipped-step count and a mid-epoch checkpoint's running sums of the epoch
+        means (made tensors again in :meth:`on_train_start`; the data position is read by the
+        engine)."""
         self.guard.skipped = checkpoint.get("skipped_nonfinite", 0)
+        self._epoch_sums = dict(checkpoint.get("epoch_sums", {}))
+
+    def on_train_start(self) -> None:
+        """Set the current step's lr from the schedule, and put restored epoch sums on the
+        device. After ``trainer.epochs`` was raised on a finished run the schedule spans the new
+        total, but the restored optimizer still holds the old schedule's lr for this step; after
+        an ordinary resume the value is unchanged."""
+        self._epoch_sums = {
+            name: tuple(torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in sums)
+            for name, sums in self._epoch_sums.items()
+        }
+        scheduler = self.lr_schedulers()
+        if not isinstance(scheduler, LambdaLR):
+            return
+        groups = scheduler.optimizer.param_groups
+        for group, base, factor in zip(
+            groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Masks, noise, neighbour picks and mixup depend only on (seed, rank, epoch, batch): a

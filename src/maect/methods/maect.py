@@ -115,9 +115,12 @@ class NNCLRMethod(PretrainMethod):
 
     # ------------------------------------------------------------------ step
 
+    def check_world(self, world_size: int) -> None:
+        batch = self.cfg.data.batch_size
+        check_queue_size(self.queue.size, batch, world_size, "maect.queue_size")
+
     def on_fit_start(self) -> None:
-        batch, world = self.cfg.data.batch_size, self.trainer.world_size
-        check_queue_size(self.queue.size, batch, world, "maect.queue_size")
+        self.check_world(self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefix = "predictor."
@@ -127,6 +130,7 @@ class NNCLRMethod(PretrainMethod):
         super().on_load_checkpoint(checkpoint)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # after a resume the restored queue may already hold real samples only
         self._entries_written = int((self.queue.ids >= 0).sum())
 

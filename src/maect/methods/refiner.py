@@ -116,13 +116,15 @@ class RefinerMethod(PretrainMethod):
 
     # ------------------------------------------------------------------ step
 
-    def on_fit_start(self) -> None:
+    def check_world(self, world_size: int) -> None:
         size = self.cfg.refiner.queue_size
-        check_queue_size(
-            size, self.cfg.data.batch_size, self.trainer.world_size, "refiner.queue_size"
-        )
+        check_queue_size(size, self.cfg.data.batch_size, world_size, "refiner.queue_size")
+
+    def on_fit_start(self) -> None:
+        self.check_world(self.trainer.world_size)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # after a resume the restored queues may already hold real samples only
         first = next(iter(self.heads.values()))
         self._entries_written = int((first.queue.ids >= 0).sum())
