@@ -582,6 +582,23 @@ def test_ema_is_scored_and_exported(tmp_path):
     assert not torch.equal(exported["head.weight"], ckpt["encoder.head.weight"])
 
 
+def test_epoch_means_of_the_training_loss_are_logged_per_epoch(tmp_path):
+    """FineTuning's epoch-end hook keeps the base class's: ``train/loss_epoch`` is the mean of
+    that epoch's steps only (the running sums start again every epoch)."""
+    cfg = _cfg("trainer.epochs=2", "data.synthetic_size=64", "finetune.eval_every=0")
+    run = finetune(cfg, tmp_path / "ft")
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps: dict[int, list[float]] = {}
+    for row in rows:
+        if row["train/loss_step"]:
+            steps.setdefault(int(row["epoch"]), []).append(float(row["train/loss_step"]))
+    means = {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]}
+    assert sorted(means) == sorted(steps) == [0, 1] and len(steps[1]) == 2
+    for epoch, values in steps.items():
+        assert means[epoch] == pytest.approx(statistics.fmean(values), rel=1e-6)
+
+
 def test_a_run_finished_before_its_outputs_were_written_scores_again(tmp_path):
     cfg = _cfg("trainer.epochs=1", "data.synthetic_size=64")
     run = finetune(cfg, tmp_path / "ft")

@@ -1,14 +1,46 @@
 """MAE training: loss goes down, fast_dev_run, run-directory outputs, exact resume."""
 
+import ast
 import csv
+import inspect
 import shutil
+import textwrap
 
 import pytest
 import torch
 
 from maect.checkpoints import load_encoder
 from maect.engine import METHOD_CLASSES, pretrain
+from maect.methods.base import PretrainMethod
+from maect.methods.finetune import FineTuning
 from maect.methods.mae import MAE
+from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
+from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
+
+# PretrainMethod's Lightning hooks: an override that skips the base class's loses the guard
+# checks, the epoch means or the resume state.
+BASE_HOOKS = (
+    "setup",
+    "on_after_batch_transfer",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_before_optimizer_step",
+    "optimizer_step",
+    "train",
+)
+METHODS = (
+    *METHOD_CLASSES.values(),
+    NNCLRHeadTraining,
+    ContrastiveTuning,
+    RefinerHeadTraining,
+    RefinerTuning,
+    FineTuning,
+)
 
 
 def test_loss_goes_down_on_fixed_batch(tiny_cfg):
@@ -133,3 +165,26 @@ def test_mae_views_are_independent_crops_in_one_batch(tiny_cfg):
 
 def test_fast_dev_run_with_two_mae_views(tiny_cfg, tmp_path):
     pretrain(tiny_cfg("mae.views=2"), tmp_path / "dev", dev_run=1)
+
+
+def _calls_super(function, name: str) -> bool:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == name
+        and isinstance(node.func.value, ast.Call)
+        and getattr(node.func.value.func, "id", None) == "super"
+        for node in ast.walk(tree)
+    )
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda c: c.__name__)
+def test_hook_overrides_call_the_base_class(method):
+    """Every override of a PretrainMethod hook in a method (or a class between it and the base)
+    calls ``super()``'s: e.g. fine-tuning's epoch end must keep the guard and the epoch means."""
+    assert issubclass(method, PretrainMethod)
+    for cls in method.__mro__[: method.__mro__.index(PretrainMethod)]:
+        for name in BASE_HOOKS:
+            if name in vars(cls):
+                assert _calls_super(vars(cls)[name], name), f"{cls.__name__}.{name}"

@@ -117,6 +117,11 @@ class PretrainMethod(LightningModule):
         """Optimizer steps skipped for a non-finite loss in this run (as of the last check)."""
         return self.guard.skipped
 
+    def on_fit_start(self) -> None:
+        """Run :meth:`check_world` again with the trainer's world size (for trainers the engine
+        did not build)."""
+        self.check_world(self.trainer.world_size)
+
     def setup(self, stage: str) -> None:
         """Form the optimizer groups before a strategy wraps the model: FSDP turns parameters
         into flat shards, whose shapes no longer tell weights from biases and norms."""

@@ -144,6 +144,8 @@ class FineTuning(PretrainMethod):
         return scores
 
     def on_train_epoch_end(self) -> None:
+        """The base class's epoch end (guard, epoch means), then the scores when they are due."""
+        super().on_train_epoch_end()
         every, epoch = self.cfg.finetune.eval_every, self.current_epoch + 1
         if not (epoch == self.trainer.max_epochs or (every and epoch % every == 0)):
             return

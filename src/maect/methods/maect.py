@@ -119,9 +119,6 @@ class NNCLRMethod(PretrainMethod):
         batch = self.cfg.data.batch_size
         check_queue_size(self.queue.size, batch, world_size, "maect.queue_size")
 
-    def on_fit_start(self) -> None:
-        self.check_world(self.trainer.world_size)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefix = "predictor."
         state = checkpoint["state_dict"]

@@ -120,9 +120,6 @@ class RefinerMethod(PretrainMethod):
         size = self.cfg.refiner.queue_size
         check_queue_size(size, self.cfg.data.batch_size, world_size, "refiner.queue_size")
 
-    def on_fit_start(self) -> None:
-        self.check_world(self.trainer.world_size)
-
     def on_train_start(self) -> None:
         super().on_train_start()
         # after a resume the restored queues may already hold real samples only
