@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from maect.atomic import leftover_temporaries
 from maect.checkpoints import save_encoder
 from maect.config import load_config
 from maect.data.shards import write_shards
-from maect.faults import resume_checkpoint
+from maect.faults import AtomicCheckpointIO, resume_checkpoint
 from maect.methods.base import arch_from_config
 from maect.models.vit import MaskedViT
 from tests.conftest import TINY_OVERRIDES
@@ -162,12 +163,14 @@ io.save_checkpoint({"state_dict": {"w": torch.ones(1_000_000)}, "global_step": 2
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)], env=ENV)
-    tmp = path.with_name("last.ckpt.tmp")
     deadline = time.monotonic() + 120
-    while not (tmp.is_file() and tmp.stat().st_size > 4_000_000):
+    while not [p for p in leftover_temporaries(path) if p.stat().st_size > 4_000_000]:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     found, ckpt = resume_checkpoint(path.parent, {})
     assert found == path and ckpt["global_step"] == 1
+    # the next write of that checkpoint (the resumed run's) removes the killed one's temporary
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 3}, path)
+    assert leftover_temporaries(path) == [] and sorted(path.parent.iterdir()) == [path]

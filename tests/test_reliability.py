@@ -9,13 +9,14 @@ import logging
 import re
 import resource
 import signal
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from maect.checkpoints import CheckpointError, CheckpointWriteError, save_encoder
+from maect.checkpoints import CheckpointError, CheckpointWriteError, atomic_save, save_encoder
 from maect.cli import main
 from maect.config import ConfigError, load_config
 from maect.data import loader as loader_module
@@ -83,6 +84,28 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # the partial temporary file is gone
     assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_concurrent_saves_of_one_checkpoint_use_their_own_temporary_files(tmp_path):
+    """Two writers of one path (threads: one pid) never share a temporary name: every save
+    succeeds, the file is one whole checkpoint, no temporary file is left."""
+    path = tmp_path / "encoder.pt"
+    errors: list[Exception] = []
+
+    def save(value: float) -> None:
+        try:
+            for _ in range(10):
+                atomic_save({"w": torch.full((50_000,), value)}, path)
+        except Exception as err:  # a shared temporary name makes a rename or a load fail
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(float(i),)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and list(tmp_path.iterdir()) == [path]
+    assert torch.load(path, weights_only=True)["w"].unique().numel() == 1
 
 
 def test_truncated_last_checkpoint_falls_back_to_previous(tmp_path, caplog):

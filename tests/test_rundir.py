@@ -19,11 +19,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from maect.atomic import atomic_write_text
 from maect.cli import main
 from maect.config import ConfigError, load_config
 from maect.engine import pretrain
 from maect.methods.schedule import warmup_cosine
-from maect.rundir import LOCK_FILE, RunDirectory, RunDirectoryError, RunLock, atomic_write_text
+from maect.rundir import LOCK_FILE, RunDirectory, RunDirectoryError, RunLock
 from maect.tuning import tune
 from tests.conftest import TINY_OVERRIDES
 from tests.test_maect import MAECT_TINY

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import zipfile
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from maect.atomic import atomic_write, fsync_folder
 from maect.models.classifier import ViTClassifier, classifier_record
 from maect.models.vit import MaskedViT, ViTArch
 
@@ -81,26 +81,17 @@ class CheckpointWriteError(OSError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``<name>.tmp`` in the same folder, fsync, then rename over ``<name>``:
-    the previous file under that name stays intact until the new one is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """``torch.save`` through a uniquely named temporary file in the same folder, fsync, then
+    rename over ``path`` (:func:`maect.atomic.atomic_write`): the previous file under that name
+    stays intact until the new one is complete."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, fsync=True) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch reports some write failures as RuntimeError
-        tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(
             f"could not write {path} ({err}); the previous file under that name is unchanged"
         ) from err
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    fsync_folder(path.parent)  # make the rename itself durable
 
 
 ENCODER_FILES = ("encoder.pt", "checkpoints/last.ckpt")

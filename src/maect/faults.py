@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from maect.atomic import leftover_temporaries
 from maect.checkpoints import CheckpointError, atomic_save
 from maect.config import ConfigError, RunConfig
 from maect.distributed import world_size
@@ -158,13 +159,17 @@ class NonFiniteGuard:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O through :func:`maect.checkpoints.atomic_save`: a kill or a full
-    disk never leaves a half-written file under the real name."""
+    disk never leaves a half-written file under the real name. The temporary files of the same
+    checkpoint that a killed run left are removed first: Lightning writes one checkpoint at a
+    time, from the one process that holds the run directory (:class:`maect.rundir.RunLock`)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
+        for leftover in leftover_temporaries(Path(path)):
+            leftover.unlink(missing_ok=True)
         atomic_save(checkpoint, Path(path))
 
 

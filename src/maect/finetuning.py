@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from maect.atomic import atomic_write_text
 from maect.checkpoints import (
     HEADS_BY_WIDTH,
     CheckpointError,
@@ -304,7 +305,7 @@ def _finetune(
         record = result_record(cfg, scores, len(train))
         if cfg.finetune.robustness_subset:
             record["robustness"] = classifier_robustness(cfg, exported, test)
-        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2))
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=2))
         log.info("fine-tuned top-1 %.2f %%, top-5 %.2f %%", record["top1"], record["top5"])
     if cfg.trainer.epochs > 0:
         trainer.strategy.barrier(RESULT_FILE)  # a next pipeline stage on any rank reads it

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from maect.atomic import atomic_write_text
 from maect.config import ConfigError, diff_configs
 
 log = logging.getLogger(__name__)
@@ -68,22 +69,6 @@ class RunDirectoryError(ConfigError):
 def utc_now() -> str:
     """The current time as ISO 8601 UTC with a ``Z``, e.g. ``2026-11-30T01:02:03Z``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a uniquely named temporary file next to ``path``, then rename it over
-    ``path``: readers see the old or the new file, and concurrent writers never share a name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 is for secrets; these are ordinary files
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_out_dir(out: str | Path) -> None:

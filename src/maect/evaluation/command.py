@@ -31,10 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from maect.atomic import atomic_write_text
 from maect.data.datasets import CLASS_NAMES
 from maect.evaluation._common import timed
 from maect.evaluation.config import EvalConfig, load_eval_config, validate_eval_config
-from maect.evaluation.features import atomic_write
 from maect.evaluation.featureset import load_features
 from maect.evaluation.plots import save_embedding_plot
 from maect.evaluation.protocols import run_layers, run_protocols
@@ -100,6 +100,4 @@ def evaluate(source: str | Path, cfg: EvalConfig | None = None) -> dict[str, Any
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write ``data`` as indented JSON atomically (temporary file + rename)."""
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -16,11 +16,9 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -28,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from maect.atomic import atomic_write
 from maect.data.loader import build_loader
 from maect.distributed import rank, world_size
 from maect.evaluation.distributed import gather_rows_to_zero
@@ -309,21 +308,6 @@ def default_cache_dir(source: str | Path | None = None) -> Path:
         return Path(source) / "features"
     root = os.environ.get("MAECT_CACHE") or Path.home() / ".cache" / "maect"
     return Path(root) / "features"
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to ``path`` for writing and rename it to ``path`` on success,
-    so readers never see a partial file (the temporary file is removed on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_cache(path: Path, key: FeatureKey) -> tuple[torch.Tensor, torch.Tensor] | None:
