@@ -19,6 +19,7 @@ import maect
 from maect import cli
 from maect.cli import COMMANDS, Arg, Invocation, command, main
 from maect.config import RunConfig, field_help, load_config
+from maect.evaluation.config import EvalConfig
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -149,9 +150,12 @@ def _dataclasses(cls: type) -> list[type]:
     return [cls, *(c for n in nested for c in _dataclasses(n))]
 
 
-@pytest.mark.parametrize("cls", _dataclasses(RunConfig), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [*_dataclasses(RunConfig), *_dataclasses(EvalConfig)], ids=lambda c: c.__name__
+)
 def test_every_config_key_has_help(cls):
-    """`maect config` shows each key's help from its section's docstring (Attributes:)."""
+    """`maect config RECIPE` and `maect config evaluate` show each key's help from its section's
+    docstring (Attributes:)."""
     helps = field_help(cls)
     assert [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)] == []
     assert set(helps) <= {f.name for f in dataclasses.fields(cls)}

@@ -32,7 +32,7 @@ class EvalDataConfig:
     else to Fashion-MNIST in its default location.
 
     Attributes:
-        name: Dataset (one of :data:`maect.config.DATASETS`).
+        name: Dataset: fashion-mnist, cifar10, cifar100, stl10, imagefolder, synthetic or shards.
         root: Dataset folder.
         download: Let torchvision download the dataset into ``root``.
         normalization: Dataset whose mean/std normalise the images; default: the dataset the
@@ -63,8 +63,12 @@ class EvalDataConfig:
 
 @dataclass
 class EvalModelConfig:
-    """The encoder. ``num_heads``: head count of a checkpoint whose weights do not say it and
-    whose width is outside the standard table (passed to :func:`maect.load_encoder`)."""
+    """The encoder.
+
+    Attributes:
+        num_heads: Head count of a checkpoint whose weights do not say it and whose width is
+            outside the standard table (as ``num_heads`` of ``maect.load_encoder``).
+    """
 
     num_heads: int | None = None
 
@@ -72,7 +76,13 @@ class EvalModelConfig:
 @dataclass
 class KNNEvalConfig:
     """Weighted k-NN (DINO): ``top1`` at ``k``, also reported for every value of ``ks`` (those
-    larger than the train split are skipped)."""
+    larger than the train split are skipped).
+
+    Attributes:
+        k: Neighbours that vote (the headline ``top1``).
+        temperature: Vote weight ``exp(cosine / temperature)``.
+        ks: Further neighbour counts, each reported as ``top1@k<k>``.
+    """
 
     k: int = 20
     temperature: float = 0.07
@@ -81,7 +91,15 @@ class KNNEvalConfig:
 
 @dataclass
 class LinearEvalConfig:
-    """Linear probe on frozen features with an lr sweep selected on a held-out part of train."""
+    """Linear probe on frozen features with an lr sweep selected on a held-out part of train.
+
+    Attributes:
+        epochs: Training epochs, of the sweep and of the refit.
+        batch_size: Features per SGD step (the last partial batch of an epoch is dropped).
+        lrs: Absolute learning rates of the sweep (one head each, not scaled by batch size).
+        val_fraction: Fraction of each class of train held out to choose the lr.
+        refit: Train a fresh head on all of train at the chosen lr.
+    """
 
     epochs: int = 20
     batch_size: int = 256
@@ -93,7 +111,14 @@ class LinearEvalConfig:
 @dataclass
 class LowshotEvalConfig:
     """L2-regularised logistic regression on ``shots`` images per class and ``percents`` % of
-    the train split, one split per seed (mean and std reported)."""
+    the train split, one split per seed (mean and std reported).
+
+    Attributes:
+        shots: Images per class of the few-shot splits.
+        percents: Percentages of the train split (class-stratified).
+        seeds: One random split per seed.
+        l2_scale: Regularisation strength times the split's size (lambda = l2_scale / N).
+    """
 
     shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     percents: list[float] = field(default_factory=lambda: [1.0])
@@ -103,7 +128,13 @@ class LowshotEvalConfig:
 
 @dataclass
 class ClusterEvalConfig:
-    """k-means (k = number of classes, ``n_init`` restarts) on the features of ``split``."""
+    """k-means (k = number of classes, ``n_init`` restarts) on the features of ``split``.
+
+    Attributes:
+        n_init: k-means restarts (the lowest inertia is kept).
+        split: The split clustered: train or test.
+        silhouette_samples: Points the silhouette is computed on (a seeded sample; null: all).
+    """
 
     n_init: int = 5
     split: str = "test"
@@ -116,7 +147,15 @@ class RobustnessEvalConfig:
     corruptions of a class-balanced ``test_subset`` of the test split: ``len(corruptions) x
     len(severities)`` feature passes over it (75 for all), so keep it small on a CPU.
     ``baseline``: an ``eval.json`` (or its run directory) with a robustness result to compute
-    the mCE against."""
+    the mCE against.
+
+    Attributes:
+        corruptions: ImageNet-C corruptions to apply (default: all 15).
+        severities: Severities to apply, from 1 to 5.
+        test_subset: Class-balanced test images corrupted (null: the whole test split).
+        baseline: An eval.json (or its run directory) whose robustness result is the mCE's
+            reference (null: no mCE).
+    """
 
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
@@ -141,6 +180,11 @@ class EvalConfig:
         layer_protocols: Protocols run per block (``knn`` by default; ``linear``, ``lowshot``,
             ``cluster`` on request).
         standardize: Standardise features with the train split's mean and std first.
+        knn: Weighted k-NN (see :class:`KNNEvalConfig`).
+        linear: Linear probe (see :class:`LinearEvalConfig`).
+        lowshot: Low-shot logistic regression (see :class:`LowshotEvalConfig`).
+        cluster: k-means clustering (see :class:`ClusterEvalConfig`).
+        robustness: ImageNet-C corruptions (see :class:`RobustnessEvalConfig`).
         plot: Save a t-SNE plot of up to ``plot_points`` test features as ``embedding.png``.
         plot_points: Number of test points in the plot (a class-balanced subset).
         cache: Read and write features in the cache (``<run>/features`` or ``~/.cache/maect``).
