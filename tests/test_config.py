@@ -92,3 +92,25 @@ def test_a_missing_recipe_file_is_named(tmp_path):
 def test_maect_head_temperature_must_be_positive():
     with pytest.raises(ConfigError, match="maect.head_temperature must be > 0, got 0.0"):
         load_config("maect/fmnist_vit_t", ["maect.head_temperature=0"])
+
+
+@pytest.mark.parametrize("recipe", ["maect/fmnist_vit_t", "refiner/fmnist_vit_t"])
+@pytest.mark.parametrize(
+    ("key", "value", "rule"),
+    [
+        ("views", "strong", "must be one of min, byol, simclr"),
+        ("pooling", "max", "must be one of cls, mean"),
+        ("temperature", "0", "must be > 0, got 0.0"),
+        ("topk", "0", "must be >= 1, got 0"),
+        ("queue_size", "1", "must be >= {section}.topk, got 1"),
+        ("proj_dim", "0", "must be >= 1, got 0"),
+        ("encoder_ema", "1", "must be in [0, 1), got 1.0"),
+        ("layer_decay", "0", "must be in (0, 1], got 0.0"),
+        ("head_epochs", "-1", "must be >= 0, got -1"),
+    ],
+)
+def test_the_nnclr_sections_share_their_rules(recipe, key, value, rule):
+    section = recipe.split("/")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, [f"{section}.{key}={value}"])
+    assert str(err.value) == f"{section}.{key} {rule.format(section=section)}"

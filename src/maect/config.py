@@ -691,7 +691,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("KEY MESSAGE")`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key} {message}")
 
@@ -699,94 +700,94 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check the cross-field rules; return ``cfg`` unchanged when valid."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    _require(
+    require(
         cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'"
     )
-    _require(
+    require(
         d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}, got '{d.name}'"
     )
-    _require(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
-    _require(
+    require(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
+    require(
         m.img_size > 0 and m.img_size % m.patch_size == 0,
         "model.img_size",
         f"must be a positive multiple of model.patch_size={m.patch_size}, got {m.img_size}",
     )
-    _require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
-    _require(
+    require(m.in_chans in (1, 3), "model.in_chans", f"must be 1 or 3, got {m.in_chans}")
+    require(
         m.embed_dim % m.num_heads == 0 and m.embed_dim % 4 == 0,
         "model.embed_dim",
         f"must be divisible by 4 and by model.num_heads={m.num_heads}, got {m.embed_dim}",
     )
-    _require(
+    require(
         m.decoder_dim % m.decoder_heads == 0 and m.decoder_dim % 4 == 0,
         "model.decoder_dim",
         f"must be divisible by 4 and by model.decoder_heads={m.decoder_heads}, got {m.decoder_dim}",
     )
     for key in ("depth", "num_heads", "decoder_depth", "decoder_heads"):
-        _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-    _require(
+        require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    require(
         0.0 < cfg.mae.mask_ratio < 1.0,
         "mae.mask_ratio",
         f"must be in the open interval (0, 1), got {cfg.mae.mask_ratio}",
     )
-    _require(cfg.mae.views >= 1, "mae.views", f"must be >= 1, got {cfg.mae.views}")
+    require(cfg.mae.views >= 1, "mae.views", f"must be >= 1, got {cfg.mae.views}")
     validate_method_sections(cfg)
-    _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(
+    require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    require(
         d.augment_on in AUGMENT_ON,
         "data.augment_on",
         f"must be one of {', '.join(AUGMENT_ON)}, got '{d.augment_on}'",
     )
-    _require(
+    require(
         d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1 or null, got {d.subset}"
     )
-    _require(
+    require(
         0.0 < d.label_fraction <= 1.0,
         "data.label_fraction",
         f"must be in (0, 1] (1: all labels), got {d.label_fraction}",
     )
-    _require(
+    require(
         d.label_fraction == 1.0 or cfg.method == "finetune",
         "data.label_fraction",
         f"applies to fine-tuning only (method finetune), not to method {cfg.method}",
     )
-    _require(
+    require(
         len(d.crop_scale) == 2 and 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
         "data.crop_scale",
         f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
     )
-    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(
+    require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    require(
         len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
         "optim.betas",
         f"must be two values in [0, 1), got {o.betas}",
     )
-    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     min_epochs = 0 if cfg.method == "finetune" else 1  # 0: evaluate the source only
-    _require(t.epochs >= min_epochs, "trainer.epochs", f"must be >= {min_epochs}, got {t.epochs}")
-    _require(
+    require(t.epochs >= min_epochs, "trainer.epochs", f"must be >= {min_epochs}, got {t.epochs}")
+    require(
         t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}"
     )
-    _require(
+    require(
         t.accumulate_grad_batches >= 1,
         "trainer.accumulate_grad_batches",
         f"must be >= 1, got {t.accumulate_grad_batches}",
     )
-    _require(
+    require(
         t.monitor_every >= 0,
         "trainer.monitor_every",
         f"must be >= 0 (0: off), got {t.monitor_every}",
     )
     for key in ("checkpoint_every", "recon_every", "log_every_n_steps", "num_nodes"):
-        _require(getattr(t, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
-    _require(
+        require(getattr(t, key) >= 1, f"trainer.{key}", f"must be >= 1, got {getattr(t, key)}")
+    require(
         t.checkpoint_every_steps >= 0,
         "trainer.checkpoint_every_steps",
         f"must be >= 0 (0: only at epoch ends), got {t.checkpoint_every_steps}",
     )
-    _require(
+    require(
         t.cpu_matmul in CPU_MATMULS,
         "trainer.cpu_matmul",
         f"must be one of {', '.join(CPU_MATMULS)}, got '{t.cpu_matmul}'",
@@ -799,190 +800,181 @@ def validate_method_sections(cfg: RunConfig) -> None:
     method)."""
     if cfg.method == "can":
         c = cfg.can
-        _require(
+        require(
             0.0 <= c.mask_ratio < 1.0, "can.mask_ratio", f"must be in [0, 1), got {c.mask_ratio}"
         )
-        _require(c.noise_std_max >= 0, "can.noise_std_max", f"must be >= 0, got {c.noise_std_max}")
-        _require(c.temperature > 0, "can.temperature", f"must be > 0, got {c.temperature}")
+        require(c.noise_std_max >= 0, "can.noise_std_max", f"must be >= 0, got {c.noise_std_max}")
+        require(c.temperature > 0, "can.temperature", f"must be > 0, got {c.temperature}")
         weights = (c.weight_contrastive, c.weight_reconstruction, c.weight_denoising)
-        _require(
+        require(
             min(weights) >= 0 and sum(weights) > 0,
             "can.weight_*",
             f"must be >= 0 and not all zero, got {weights}",
         )
-        _require(
+        require(
             c.weight_reconstruction == 0 or c.mask_ratio > 0,
             "can.mask_ratio",
             "must be > 0 when can.weight_reconstruction > 0 (nothing would be reconstructed)",
         )
-        _require(
+        require(
             c.weight_denoising == 0 or c.noise_std_max > 0,
             "can.noise_std_max",
             "must be > 0 when can.weight_denoising > 0 (there would be no noise to predict)",
         )
-        _require(
+        require(
             c.noise_embed_scale > 0,
             "can.noise_embed_scale",
             f"must be > 0, got {c.noise_embed_scale}",
         )
-        _require(c.projector in ("mlp2", "mlp3bn"), "can.projector", "must be mlp2 or mlp3bn")
+        require(c.projector in ("mlp2", "mlp3bn"), "can.projector", "must be mlp2 or mlp3bn")
         for key in ("proj_dim", "proj_hidden_dim"):
             value = getattr(c, key)
-            _require(value >= 1, f"can.{key}", f"must be >= 1, got {value}")
-        _require(c.views in VIEW_PAIRS, "can.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+            require(value >= 1, f"can.{key}", f"must be >= 1, got {value}")
+        require(c.views in VIEW_PAIRS, "can.views", f"must be one of {', '.join(VIEW_PAIRS)}")
     if cfg.method == "maect":
         t = cfg.maect
-        _require(t.views in VIEW_PAIRS, "maect.views", f"must be one of {', '.join(VIEW_PAIRS)}")
-        _require(t.pooling in POOLINGS, "maect.pooling", f"must be one of {', '.join(POOLINGS)}")
-        _require(t.topk >= 1, "maect.topk", f"must be >= 1, got {t.topk}")
-        _require(
-            t.queue_size >= t.topk, "maect.queue_size", f"must be >= maect.topk, got {t.queue_size}"
-        )
-        _require(t.temperature > 0, "maect.temperature", f"must be > 0, got {t.temperature}")
-        _require(
+        validate_nnclr_section(t, "maect")
+        require(
             t.head_temperature > 0,
             "maect.head_temperature",
             f"must be > 0, got {t.head_temperature}",
         )
-        for key in ("target_ema", "encoder_ema"):
-            value = getattr(t, key)
-            _require(0.0 <= value < 1.0, f"maect.{key}", f"must be in [0, 1), got {value}")
-        _require(
+        require(
+            0.0 <= t.target_ema < 1.0, "maect.target_ema", f"must be in [0, 1), got {t.target_ema}"
+        )
+        require(
             t.frozen_blocks is None or 0 <= t.frozen_blocks <= cfg.model.depth,
             "maect.frozen_blocks",
             f"must be null (half the blocks) or in [0, model.depth={cfg.model.depth}], "
             f"got {t.frozen_blocks}",
         )
-        _require(
-            0.0 < t.layer_decay <= 1.0,
-            "maect.layer_decay",
-            f"must be in (0, 1], got {t.layer_decay}",
-        )
-        _require(t.head_epochs >= 0, "maect.head_epochs", f"must be >= 0, got {t.head_epochs}")
     if cfg.method == "refiner":
         validate_refiner(cfg)
     if cfg.method == "finetune":
         validate_finetune(cfg)
 
 
+def validate_nnclr_section(section: MAECTConfig | RefinerConfig, name: str) -> None:
+    """Rules of the NNCLR heads that MAE-CT and MIM-Refiner share (section ``name``): views,
+    pooling, temperature, queue, head widths, encoder EMA, layer decay and head epochs."""
+    s = section
+    require(s.views in VIEW_PAIRS, f"{name}.views", f"must be one of {', '.join(VIEW_PAIRS)}")
+    require(s.pooling in POOLINGS, f"{name}.pooling", f"must be one of {', '.join(POOLINGS)}")
+    require(s.temperature > 0, f"{name}.temperature", f"must be > 0, got {s.temperature}")
+    require(s.topk >= 1, f"{name}.topk", f"must be >= 1, got {s.topk}")
+    require(
+        s.queue_size >= s.topk, f"{name}.queue_size", f"must be >= {name}.topk, got {s.queue_size}"
+    )
+    for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+        value = getattr(s, key)
+        require(value >= 1, f"{name}.{key}", f"must be >= 1, got {value}")
+    require(
+        0.0 <= s.encoder_ema < 1.0, f"{name}.encoder_ema", f"must be in [0, 1), got {s.encoder_ema}"
+    )
+    require(
+        0.0 < s.layer_decay <= 1.0, f"{name}.layer_decay", f"must be in (0, 1], got {s.layer_decay}"
+    )
+    require(s.head_epochs >= 0, f"{name}.head_epochs", f"must be >= 0, got {s.head_epochs}")
+
+
 def validate_refiner(cfg: RunConfig) -> None:
     """Rules of the ``refiner`` section."""
     r, depth = cfg.refiner, cfg.model.depth
-    _require(
+    validate_nnclr_section(r, "refiner")
+    require(
         bool(r.blocks) and all(-depth <= b < depth for b in r.blocks),
         "refiner.blocks",
         f"must be a non-empty list of block indices in [-{depth}, {depth - 1}], got {r.blocks}",
     )
-    _require(
+    require(
         len({b % depth for b in r.blocks}) == len(r.blocks),
         "refiner.blocks",
         f"must not name a block twice, got {r.blocks}",
     )
-    _require(r.loss in ("nna", "nnclr"), "refiner.loss", f"must be nna or nnclr, got '{r.loss}'")
-    _require(r.views in VIEW_PAIRS, "refiner.views", f"must be one of {', '.join(VIEW_PAIRS)}")
-    _require(
+    require(r.loss in ("nna", "nnclr"), "refiner.loss", f"must be nna or nnclr, got '{r.loss}'")
+    require(
         cfg.data.augment_on == "loader",
         "data.augment_on",
         "must be loader for method=refiner (device augmentation batches views of one size; the "
         "local views are smaller)",
     )
-    _require(r.local_views >= 0, "refiner.local_views", f"must be >= 0, got {r.local_views}")
+    require(r.local_views >= 0, "refiner.local_views", f"must be >= 0, got {r.local_views}")
     patch = cfg.model.patch_size
-    _require(
+    require(
         0 < r.local_size <= cfg.model.img_size and r.local_size % patch == 0,
         "refiner.local_size",
         f"must be a multiple of model.patch_size={patch} in (0, model.img_size="
         f"{cfg.model.img_size}], got {r.local_size}",
     )
-    _require(
+    require(
         len(r.local_crop_scale) == 2 and 0.0 < r.local_crop_scale[0] <= r.local_crop_scale[1] <= 1,
         "refiner.local_crop_scale",
         f"must be [min, max] with 0 < min <= max <= 1, got {r.local_crop_scale}",
     )
-    _require(
+    require(
         r.local_terms in ("fixed", "official"),
         "refiner.local_terms",
         f"must be fixed or official, got '{r.local_terms}'",
     )
-    _require(r.pooling in POOLINGS, "refiner.pooling", f"must be one of {', '.join(POOLINGS)}")
-    _require(r.temperature > 0, "refiner.temperature", f"must be > 0, got {r.temperature}")
-    _require(r.topk >= 1, "refiner.topk", f"must be >= 1, got {r.topk}")
-    _require(
-        r.queue_size >= r.topk, "refiner.queue_size", f"must be >= refiner.topk, got {r.queue_size}"
-    )
-    for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
-        value = getattr(r, key)
-        _require(value >= 1, f"refiner.{key}", f"must be >= 1, got {value}")
-    _require(
+    require(
         r.head_activation in ("relu", "gelu"),
         "refiner.head_activation",
         f"must be relu or gelu, got '{r.head_activation}'",
     )
-    _require(
-        0.0 <= r.encoder_ema < 1.0,
-        "refiner.encoder_ema",
-        f"must be in [0, 1), got {r.encoder_ema}",
-    )
-    _require(
+    require(
         0 <= r.frozen_blocks <= depth,
         "refiner.frozen_blocks",
         f"must be in [0, model.depth={depth}], got {r.frozen_blocks}",
     )
-    _require(
-        0.0 < r.layer_decay <= 1.0,
-        "refiner.layer_decay",
-        f"must be in (0, 1], got {r.layer_decay}",
-    )
-    _require(r.head_epochs >= 0, "refiner.head_epochs", f"must be >= 0, got {r.head_epochs}")
 
 
 def validate_finetune(cfg: RunConfig) -> None:
     """Rules of the ``finetune`` section."""
     f = cfg.finetune
-    _require(
+    require(
         f.init != "pixels",
         "finetune.init",
         "is 'pixels': raw pixels have no encoder to fine-tune (use scratch for a randomly "
         "initialised ViT, or maect evaluate pixels for the pixel baseline)",
     )
-    _require(
+    require(
         f.global_pool in GLOBAL_POOLS,
         "finetune.global_pool",
         f"must be one of {', '.join(GLOBAL_POOLS)}, got '{f.global_pool}'",
     )
-    _require(
+    require(
         0.0 < f.layer_decay <= 1.0,
         "finetune.layer_decay",
         f"must be in (0, 1], got {f.layer_decay}",
     )
     for key in ("drop_path", "smoothing", "model_ema"):
         value = getattr(f, key)
-        _require(0.0 <= value < 1.0, f"finetune.{key}", f"must be in [0, 1), got {value}")
+        require(0.0 <= value < 1.0, f"finetune.{key}", f"must be in [0, 1), got {value}")
     for key in ("mixup_prob", "mixup_switch_prob", "reprob"):
         value = getattr(f, key)
-        _require(0.0 <= value <= 1.0, f"finetune.{key}", f"must be in [0, 1], got {value}")
+        require(0.0 <= value <= 1.0, f"finetune.{key}", f"must be in [0, 1], got {value}")
     for key in ("mixup", "cutmix", "eval_every", "robustness_subset"):
         value = getattr(f, key)
-        _require(value >= 0, f"finetune.{key}", f"must be >= 0 (0: off), got {value}")
-    _require(
+        require(value >= 0, f"finetune.{key}", f"must be >= 0 (0: off), got {value}")
+    require(
         f.auto_augment == "" or f.auto_augment.startswith("rand-"),
         "finetune.auto_augment",
         f"must be empty (off) or a timm RandAugment string like rand-m9-mstd0.5-inc1, "
         f"got '{f.auto_augment}'",
     )
-    _require(
+    require(
         "fsdp" not in cfg.trainer.strategy.lower(),
         "trainer.strategy",
         "fsdp is not supported for fine-tuning (its per-epoch evaluation, EMA and classifier.pt "
         "use whole weights on every rank); use ddp",
     )
-    _require(
+    require(
         cfg.data.augment_on == "loader",
         "data.augment_on",
         "must be loader for fine-tuning (timm's RandAugment and random erasing run per image in "
         f"the loader), got '{cfg.data.augment_on}'",
     )
-    _require(
+    require(
         cfg.data.batch_size % 2 == 0 or (f.mixup == 0 and f.cutmix == 0),
         "data.batch_size",
         f"must be even with mixup/cutmix (images are mixed in pairs), got {cfg.data.batch_size}",

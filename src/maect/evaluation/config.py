@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from maect.config import DATASETS, ConfigError, from_dict, parse_overrides
+from maect.config import DATASETS, ConfigError, from_dict, parse_overrides, require
 from maect.data.datasets import NORMALIZATION
 from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
@@ -244,125 +244,120 @@ def _split_comma_lists(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {message}")
-
-
 def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Check value ranges and names; return ``cfg`` unchanged when valid."""
     d = cfg.data
     bad = [p for p in cfg.protocols if p not in PROTOCOLS]
-    _require(not bad, "protocols", f"has unknown {bad}; choose from {', '.join(PROTOCOLS)}")
-    _require(
+    require(not bad, "protocols", f"has unknown {bad}; choose from {', '.join(PROTOCOLS)}")
+    require(
         bool(cfg.protocols) or cfg.plot or cfg.layers is not None,
         "protocols",
         "is empty (and plot=false, no layers)",
     )
-    _require(
+    require(
         cfg.layers is None or cfg.layers == ALL_LAYERS or isinstance(cfg.layers, list),
         "layers",
         f"must be '{ALL_LAYERS}' or a list of block indices, got '{cfg.layers}'",
     )
-    _require(cfg.layers != [], "layers", "must name at least one block")
+    require(cfg.layers != [], "layers", "must name at least one block")
     bad = [p for p in cfg.layer_protocols if p not in LAYER_PROTOCOLS]
-    _require(
+    require(
         not bad and bool(cfg.layer_protocols),
         "layer_protocols",
         f"must be some of {', '.join(LAYER_PROTOCOLS)}, got {cfg.layer_protocols}",
     )
     m = cfg.model
-    _require(
+    require(
         m.num_heads is None or m.num_heads >= 1,
         "model.num_heads",
         f"must be >= 1 or null, got {m.num_heads}",
     )
-    _require(
+    require(
         d.name is None or d.name in DATASETS,
         "data.name",
         f"must be one of {', '.join(DATASETS)}, got '{d.name}'",
     )
-    _require(
+    require(
         d.normalization is None or d.normalization in NORMALIZATION,
         "data.normalization",
         f"must be one of {', '.join(NORMALIZATION)}, got '{d.normalization}'",
     )
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
-        _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null, got {value}")
-    _require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(
+        require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null, got {value}")
+    require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    require(
         cfg.pooling in POOLINGS,
         "pooling",
         f"must be one of {', '.join(POOLINGS)}, got {cfg.pooling}",
     )
-    _require(cfg.knn.k >= 1, "knn.k", f"must be >= 1, got {cfg.knn.k}")
-    _require(all(k >= 1 for k in cfg.knn.ks), "knn.ks", f"must all be >= 1, got {cfg.knn.ks}")
-    _require(cfg.knn.temperature > 0, "knn.temperature", f"must be > 0, got {cfg.knn.temperature}")
-    _require(cfg.linear.epochs >= 1, "linear.epochs", f"must be >= 1, got {cfg.linear.epochs}")
-    _require(
+    require(cfg.knn.k >= 1, "knn.k", f"must be >= 1, got {cfg.knn.k}")
+    require(all(k >= 1 for k in cfg.knn.ks), "knn.ks", f"must all be >= 1, got {cfg.knn.ks}")
+    require(cfg.knn.temperature > 0, "knn.temperature", f"must be > 0, got {cfg.knn.temperature}")
+    require(cfg.linear.epochs >= 1, "linear.epochs", f"must be >= 1, got {cfg.linear.epochs}")
+    require(
         cfg.linear.batch_size >= 2,
         "linear.batch_size",
         f"must be >= 2, got {cfg.linear.batch_size}",
     )
-    _require(
+    require(
         bool(cfg.linear.lrs) and min(cfg.linear.lrs) > 0,
         "linear.lrs",
         f"must be positive learning rates, got {cfg.linear.lrs}",
     )
-    _require(
+    require(
         0.0 < cfg.linear.val_fraction < 1.0,
         "linear.val_fraction",
         f"must be in (0, 1), got {cfg.linear.val_fraction}",
     )
     s = cfg.lowshot
-    _require(all(n >= 1 for n in s.shots), "lowshot.shots", f"must all be >= 1, got {s.shots}")
-    _require(
+    require(all(n >= 1 for n in s.shots), "lowshot.shots", f"must all be >= 1, got {s.shots}")
+    require(
         all(0 < p <= 100 for p in s.percents),
         "lowshot.percents",
         f"must all be in (0, 100], got {s.percents}",
     )
-    _require(bool(s.seeds), "lowshot.seeds", "must not be empty")
-    _require(cfg.cluster.n_init >= 1, "cluster.n_init", f"must be >= 1, got {cfg.cluster.n_init}")
-    _require(
+    require(bool(s.seeds), "lowshot.seeds", "must not be empty")
+    require(cfg.cluster.n_init >= 1, "cluster.n_init", f"must be >= 1, got {cfg.cluster.n_init}")
+    require(
         cfg.cluster.split in ("train", "test"),
         "cluster.split",
         f"must be train or test, got {cfg.cluster.split}",
     )
-    _require(
+    require(
         cfg.cluster.silhouette_samples is None or cfg.cluster.silhouette_samples >= 2,
         "cluster.silhouette_samples",
         f"must be >= 2 or null, got {cfg.cluster.silhouette_samples}",
     )
     r = cfg.robustness
     bad = [c for c in r.corruptions if c not in CORRUPTIONS]
-    _require(
+    require(
         not bad and bool(r.corruptions),
         "robustness.corruptions",
         f"has unknown {bad}; choose from {', '.join(CORRUPTIONS)}",
     )
-    _require(
+    require(
         bool(r.severities) and all(v in SEVERITIES for v in r.severities),
         "robustness.severities",
         f"must be values from 1 to 5, got {r.severities}",
     )
-    _require(
+    require(
         r.test_subset is None or r.test_subset >= 1,
         "robustness.test_subset",
         f"must be >= 1 or null, got {r.test_subset}",
     )
-    _require(
+    require(
         d.class_map is None or d.test_folder is not None,
         "data.class_map",
         "maps the classes of data.test_folder, which is not set",
     )
-    _require(cfg.plot_points >= 10, "plot_points", f"must be >= 10, got {cfg.plot_points}")
+    require(cfg.plot_points >= 10, "plot_points", f"must be >= 10, got {cfg.plot_points}")
     try:
         device = resolve_device(cfg.device)
     except RuntimeError as err:
         raise ConfigError(f"device: {err}") from None
-    _require(
+    require(
         device.type != "cuda" or torch.cuda.is_available(),
         "device",
         f"is {cfg.device} but no GPU is available",
