@@ -523,20 +523,23 @@ def test_semisupervised_recipes_pin_mim_refiner(name):
     assert f.reprob == (0.25 if mixup else 0.0) and cfg.data.crop_scale == [0.08, 1.0]
 
 
-def test_finetune_fmnist_pipeline_reuses_the_reproduction_stages(tmp_path):
+def test_finetune_fmnist_pipeline_reuses_the_refinement_study_stages(tmp_path):
     from maect.pipeline import stage_config
 
     spec, stages, comparisons = load_pipeline("finetune_fmnist")
-    reproduce, reproduce_stages, _ = load_pipeline("reproduce_fmnist")
-    pretrained = {s.name: stage_config(reproduce, s, tmp_path, []) for s in reproduce_stages}
-    finetuned = []
+    refine, refine_stages, _ = load_pipeline("refine_fmnist")
+    assert spec.out == refine.out
+    pretrained = {s.name: stage_config(refine, s, tmp_path, []) for s in refine_stages}
+    finetuned, shared = [], []
     for stage in stages:
         cfg = stage_config(spec, stage, tmp_path, [])
         if stage.command == "finetune":
             finetuned.append((stage.init, cfg.data.label_fraction))
             assert cfg.data.subset is None and cfg.finetune.init.endswith(stage.init)
-        else:  # identical config: out=runs/reproduce_fmnist skips the finished stage
+        elif stage.name in pretrained:  # identical config: the finished stage is skipped
             assert cfg.to_dict() == pretrained[stage.name].to_dict(), stage.name
+            shared.append(stage.name)
+    assert shared == ["mae", "maect", "maectaug"]
     sources = ("mae", "maect", "maectaug", "can", "simclr", "scratch")
     assert sorted(finetuned) == sorted((s, f) for s in sources for f in (1.0, 0.1, 0.01))
     assert len(comparisons) == 9
