@@ -9,7 +9,7 @@ import yaml
 
 from maect.callbacks import StageProgress
 from maect.config import ConfigError
-from maect.pipeline import cpu_name, load_pipeline, run_pipeline
+from maect.pipeline import cpu_name, load_pipeline, run_pipeline, source_eval_items
 from tests.conftest import TINY_OVERRIDES
 from tests.test_maect import MAECT_TINY
 
@@ -166,3 +166,16 @@ def test_stage_progress_estimates_from_the_measured_rate(tmp_path, capsys, monke
         "[maect/tune] 10 steps: 30 s so far, about 2.5 min left in this stage (3.00 s per step)",
         "[maect/tune] epoch 3/5: 60 s so far, about 2.0 min left in this stage (3.00 s per step)",
     ]
+
+
+def test_per_block_settings_reach_encoders_but_not_pixels(tmp_path):
+    """A pipeline's `layers=all` applies to every encoder; raw pixels (no blocks) are evaluated
+    without it instead of failing with 'the per-block analysis needs an encoder'."""
+    from maect.evaluation.command import load_eval_config
+
+    items = ["layers=all", "progress=false"]
+    encoder = load_eval_config(source_eval_items(items, "mae", tmp_path / "mae"))
+    pixels = load_eval_config(source_eval_items(items, "pixels", tmp_path / "pixels"))
+    assert encoder.layers == "all" and encoder.out is None
+    assert pixels.layers is None and pixels.out == str(tmp_path / "pixels")
+    assert load_pipeline("refine_fmnist")[0].eval_overrides[-1] == "layers=all"

@@ -270,6 +270,14 @@ def resolve_pipeline(
     return ResolvedPipeline(name, spec, stages, comparisons, out_dir, configs, eval_items)
 
 
+def source_eval_items(items: list[str], source: str, target: Path) -> list[str]:
+    """The evaluation settings of one source: the pipeline's ``items``; for raw pixels also their
+    ``out=`` directory and no per-block analysis (pixels have no blocks)."""
+    if source != PIXELS:
+        return list(items)
+    return [*items, f"out={target}", "layers=null"]
+
+
 def plan_pipeline(
     name: str, out: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -371,10 +379,7 @@ def _run_pipeline(p: ResolvedPipeline, started: float) -> dict[str, Any]:
         if not eval_file.is_file():
             print(f"\n=== evaluate {source}", flush=True)
             eval_started = time.perf_counter()
-            items = list(p.eval_items)
-            if source == PIXELS:
-                items.append(f"out={target}")
-            cfg = load_eval_config(items)
+            cfg = load_eval_config(source_eval_items(p.eval_items, source, target))
             evaluate(PIXELS if source == PIXELS else target, cfg)
             done(f"evaluate {source} done", eval_started, pending)
         results[source] = json.loads(eval_file.read_text())
