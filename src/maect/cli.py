@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -288,13 +289,6 @@ def print_keys(rows: list[tuple], header: str) -> None:
             print(f"{f'{key}={value}':<{width}}  {help_.replace('``', '')}".rstrip())
 
 
-def run_config(inv: Invocation, extra: tuple[str, ...] = ()):
-    """The validated run config of ``recipe=`` plus the overrides (and ``extra`` overrides)."""
-    from maect.config import load_config
-
-    return load_config(inv.values["recipe"], [*inv.overrides, *extra])
-
-
 def training_dry_run(cfg, command_name: str, out: str) -> None:
     """Check a training command like the real run does, then print its config and plan."""
     from maect.engine import check_trainer
@@ -313,6 +307,37 @@ def training_dry_run(cfg, command_name: str, out: str) -> None:
         f"maect {command_name}: config.yaml of out={out} (dry run: nothing is written)\n"
         f"out={out}: {plan.describe()}",
     )
+
+
+# The module and function that train the config of each training command.
+TRAINERS = {
+    "pretrain": ("maect.engine", "pretrain"),
+    "tune": ("maect.tuning", "tune"),
+    "finetune": ("maect.finetuning", "finetune"),
+}
+
+
+def train_command(
+    inv: Invocation,
+    command_name: str,
+    extra: tuple[str, ...] = (),
+    prepare: Callable[[Any], Any] | None = None,
+) -> None:
+    """The body of pretrain, tune and finetune: the config of ``recipe=`` plus the overrides (and
+    ``extra`` overrides), checked to be for ``command_name`` and passed through ``prepare``; a dry
+    run prints it with its plan, a real one trains into ``out=`` and prints the run directory."""
+    from maect.config import check_command, load_config
+
+    cfg = load_config(inv.values["recipe"], [*inv.overrides, *extra])
+    check_command(cfg, command_name)
+    if prepare is not None:
+        cfg = prepare(cfg)
+    if inv.dry_run:
+        training_dry_run(cfg, command_name, inv.values["out"])
+        return
+    module, function = TRAINERS[command_name]
+    train = getattr(importlib.import_module(module), function)
+    print(f"run directory: {train(cfg, inv.values['out'])}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -338,16 +363,7 @@ RUN_OVERRIDES = "any config key as dotted.key=value, e.g. trainer.epochs=2 (`mae
     "(docs/design.md).",
 )
 def cmd_pretrain(inv: Invocation) -> None:
-    from maect.config import check_command
-
-    cfg = run_config(inv)
-    check_command(cfg, "pretrain")
-    if inv.dry_run:
-        training_dry_run(cfg, "pretrain", inv.values["out"])
-        return
-    from maect.engine import pretrain
-
-    print(f"run directory: {pretrain(cfg, inv.values['out'])}")
+    train_command(inv, "pretrain")
 
 
 @command(
@@ -368,17 +384,12 @@ def cmd_pretrain(inv: Invocation) -> None:
     "trainer.epochs on a finished\nrun continues stage 3.",
 )
 def cmd_tune(inv: Invocation) -> None:
-    from maect.config import check_command
+    def set_init(cfg):
+        from maect.tuning import with_init
 
-    cfg = run_config(inv)
-    check_command(cfg, "tune")
-    from maect.tuning import tune, with_init
+        return with_init(cfg, inv.values["init"])
 
-    cfg = with_init(cfg, inv.values["init"])
-    if inv.dry_run:
-        training_dry_run(cfg, "tune", inv.values["out"])
-        return
-    print(f"run directory: {tune(cfg, inv.values['out'])}")
+    train_command(inv, "tune", prepare=set_init)
 
 
 @command(
@@ -402,16 +413,7 @@ def cmd_tune(inv: Invocation) -> None:
     "finished one.\ntrainer.epochs=0 scores SOURCE without training.",
 )
 def cmd_finetune(inv: Invocation) -> None:
-    from maect.config import check_command
-
-    cfg = run_config(inv, (f"finetune.init={inv.values['source']}",))
-    check_command(cfg, "finetune")
-    if inv.dry_run:
-        training_dry_run(cfg, "finetune", inv.values["out"])
-        return
-    from maect.finetuning import finetune
-
-    print(f"run directory: {finetune(cfg, inv.values['out'])}")
+    train_command(inv, "finetune", (f"finetune.init={inv.values['source']}",))
 
 
 @command(
