@@ -157,9 +157,9 @@ def bench_extract(args: argparse.Namespace, device: torch.device) -> list[Row]:
             dataset,
             "cls",
             None,
-            batch,
-            device,
-            args.workers,
+            batch_size=batch,
+            device=device,
+            num_workers=args.workers,
             progress=False,
             cpu_matmul=cpu_matmul,
         )[0]

@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,52 +127,16 @@ def extract_features(
     dataset: Dataset,
     pooling: str = "cls",
     layer: int | None = None,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-    desc: str = "features",
-    shard: bool = False,
-    cpu_matmul: str = "auto",
+    **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of every readable image of ``dataset``, in dataset order.
-
-    The dataset's own ``transform`` must produce the normalised evaluation view. The encoder is
-    put in eval mode for the pass and its previous mode restored; images that cannot be read are
-    skipped (their rows are absent from the result).
-
-    Args:
-        encoder: A timm ViT, or ``None`` for raw normalised pixels flattened.
-        dataset: Yields ``(image, label, index)`` (any :class:`maect.data.datasets.ImageDataset`).
-        pooling: ``cls``, ``mean`` or ``cls+mean`` (see :func:`encode`).
-        layer: Block whose output is pooled (see :func:`encode`); ``None`` for the last.
-        batch_size: Images per forward pass.
-        device: Where the encoder runs; ``None`` picks the GPU if available. bf16 autocast on GPU.
-        num_workers: Data loader workers.
-        progress: Show a tqdm progress bar.
-        desc: Label of the progress bar.
-        shard: In a process group, share the work: rank ``r`` encodes images ``r, r + W, ...``
-            and rank 0 receives all rows in dataset order (the others get empty tensors). Every
-            rank must make the call.
-        cpu_matmul: On CPU, the encoder's float32 linear layers run through oneDNN for the pass
-            (``auto``: on AMD processors, as ``trainer.cpu_matmul``; ``onednn``; ``default``).
+    """Pooled features of every readable image of ``dataset``, in dataset order: the one-layer
+    case of :func:`extract_layer_features` (``layer``: see :func:`encode`), which takes
+    ``options`` (batch_size, device, num_workers, progress, desc, shard, cpu_matmul).
 
     Returns:
         ``(features [N, D] float32 on the CPU, labels [N] int64)``.
     """
-    (features,), labels = extract_layer_features(
-        encoder,
-        dataset,
-        pooling,
-        (layer,),
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-        desc=desc,
-        shard=shard,
-        cpu_matmul=cpu_matmul,
-    )
+    (features,), labels = extract_layer_features(encoder, dataset, pooling, (layer,), **options)
     return features, labels
 
 
@@ -188,8 +153,29 @@ def extract_layer_features(
     shard: bool = False,
     cpu_matmul: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`extract_features` for several blocks at once: one forward pass per batch
-    (:func:`encode_layers`), one feature matrix per entry of ``layers``.
+    """Pooled features of every readable image of ``dataset``, in dataset order, for several
+    blocks at once: one forward pass per batch (:func:`encode_layers`), one feature matrix per
+    entry of ``layers``.
+
+    The dataset's own ``transform`` must produce the normalised evaluation view. The encoder is
+    put in eval mode for the pass and its previous mode restored; images that cannot be read are
+    skipped (their rows are absent from the result).
+
+    Args:
+        encoder: A timm ViT, or ``None`` for raw normalised pixels flattened.
+        dataset: Yields ``(image, label, index)`` (any :class:`maect.data.datasets.ImageDataset`).
+        pooling: ``cls``, ``mean`` or ``cls+mean`` (see :func:`encode`).
+        layers: Blocks whose outputs are pooled (see :func:`encode`); ``None`` for the last.
+        batch_size: Images per forward pass.
+        device: Where the encoder runs; ``None`` picks the GPU if available. bf16 autocast on GPU.
+        num_workers: Data loader workers.
+        progress: Show a tqdm progress bar.
+        desc: Label of the progress bar.
+        shard: In a process group, share the work: rank ``r`` encodes images ``r, r + W, ...``
+            and rank 0 receives all rows in dataset order (the others get empty tensors). Every
+            rank must make the call.
+        cpu_matmul: On CPU, the encoder's float32 linear layers run through oneDNN for the pass
+            (``auto``: on AMD processors, as ``trainer.cpu_matmul``; ``onednn``; ``default``).
 
     Returns:
         ``([features [N, D] float32 CPU per layer], labels [N] int64)``.
