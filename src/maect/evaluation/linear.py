@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,18 @@ class LinearProbe:
         (:func:`~maect.evaluation._common.predict_within`)."""
         return predict_within(self.logits(x), classes)
 
+    def score(
+        self, test_x: ArrayLike, test_y: ArrayLike, classes: torch.Tensor | None = None
+    ) -> dict[str, float | dict[float, float]]:
+        """The result of :func:`linear_probe`: test accuracy (argmax over ``classes`` when given)
+        and the learning-rate selection."""
+        return {
+            "top1": accuracy(self.predict(test_x, classes), test_y),
+            "val_top1": self.val_top1,
+            "best_lr": self.best_lr,
+            "per_lr": self.per_lr,
+        }
+
 
 def fit_linear_probe(
     train_x: ArrayLike,
@@ -152,8 +165,16 @@ def fit_linear_probe(
     train, then refitted on all of train when ``refit``) and return it.
 
     Args:
+        train_x: Training features ``[N, D]``.
+        train_y: Training labels ``[N]`` (integer).
+        lrs: Absolute learning rates to sweep (not scaled by batch size).
+        epochs: Training epochs, for the sweep and for the refit.
+        batch_size: Mini-batch size (the last partial batch of an epoch is dropped).
+        val_fraction: Fraction of each class held out for learning-rate selection (each class
+            keeps at least one training sample).
+        refit: Retrain on the full training set at the chosen learning rate.
+        seed: Seed for the split, the initialisation and the batch order.
         num_classes: Width of the classifier; ``None``: ``max(train_y) + 1``.
-        Others: as :func:`linear_probe`.
     """
     train_x = as_features(train_x, "train_x").float()
     train_y = as_labels(train_y, "train_y", device=train_x.device)
@@ -197,13 +218,8 @@ def linear_probe(
     train_y: ArrayLike,
     test_x: ArrayLike,
     test_y: ArrayLike,
-    lrs: Sequence[float] = DEFAULT_LRS,
-    epochs: int = 20,
-    batch_size: int = 256,
-    val_fraction: float = 0.1,
-    refit: bool = True,
-    seed: int = 0,
     classes: torch.Tensor | None = None,
+    **options: Any,
 ) -> dict[str, float | dict[float, float]]:
     """Linear probe with learning-rate selection on a held-out validation split.
 
@@ -219,15 +235,10 @@ def linear_probe(
         train_y: Training labels ``[N]`` (integer).
         test_x: Test features ``[M, D]``.
         test_y: Test labels ``[M]`` (integer).
-        lrs: Absolute learning rates to sweep (not scaled by batch size).
-        epochs: Training epochs, for the sweep and for the refit.
-        batch_size: Mini-batch size (the last partial batch of an epoch is dropped).
-        val_fraction: Fraction of each class held out for learning-rate selection (each class
-            keeps at least one training sample).
-        refit: Retrain on the full training set at the chosen learning rate.
-        seed: Seed for the split, the initialisation and the batch order.
         classes: Score the test set with the argmax over these classes only (a test set whose
             classes are a subset of the training classes); ``None``: all classes.
+        options: ``lrs``, ``epochs``, ``batch_size``, ``val_fraction``, ``refit`` and ``seed``
+            of :func:`fit_linear_probe`.
 
     Returns:
         ``{"top1": test accuracy, "val_top1": validation accuracy of the chosen lr,
@@ -240,12 +251,5 @@ def linear_probe(
     check_same_length(test_x, test_y, "test_x", "test_y")
     check_same_dim(train_x, test_x, "train_x", "test_x")
     num_classes = int(torch.maximum(train_y.max(), test_y.max())) + 1
-    probe = fit_linear_probe(
-        train_x, train_y, lrs, epochs, batch_size, val_fraction, refit, seed, num_classes
-    )
-    return {
-        "top1": accuracy(probe.predict(test_x, classes), test_y),
-        "val_top1": probe.val_top1,
-        "best_lr": probe.best_lr,
-        "per_lr": probe.per_lr,
-    }
+    probe = fit_linear_probe(train_x, train_y, num_classes=num_classes, **options)
+    return probe.score(test_x, test_y, classes)

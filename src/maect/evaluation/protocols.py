@@ -78,15 +78,6 @@ class _SharedProbe:
         return self.probe
 
 
-def _linear(f: FeatureSet, probe: LinearProbe) -> dict[str, Any]:
-    return {
-        "top1": accuracy(probe.predict(f.test_x, f.classes), f.test_y),
-        "val_top1": probe.val_top1,
-        "best_lr": probe.best_lr,
-        "per_lr": probe.per_lr,
-    }
-
-
 def _knn(f: FeatureSet, cfg: EvalConfig) -> dict[str, Any]:
     """k-NN; for a class-subset test set the bank holds only the train images of its classes."""
     bank_x, bank_y = f.train_x, f.train_y
@@ -128,7 +119,7 @@ def run_protocols(
     data = (f.train_x, f.train_y, f.test_x, f.test_y)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "knn": lambda: _knn(f, cfg),
-        "linear": lambda: _linear(f, probe.get()),
+        "linear": lambda: probe.get().score(f.test_x, f.test_y, f.classes),
         "lowshot": lambda: lowshot_eval(
             *data,
             shots=cfg.lowshot.shots,
