@@ -1,6 +1,7 @@
 """Per-sample transforms on uint8 image tensors (torchvision v2)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -163,19 +164,12 @@ VIEW_PAIRS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def loader_views(
-    views: Sequence[dict],
-    img_size: int,
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    scale: Sequence[float],
-    hflip: bool = True,
-) -> T.Transform | MultiView:
+def loader_views(views: Sequence[dict], *view_args: Any) -> T.Transform | MultiView:
     """The training transform that makes every view in the loader workers: one
-    :func:`augmented_view` per entry of ``views`` (its pixel keywords); one view gives a tensor,
-    several a tuple."""
-    made = [augmented_view(img_size, channels, mean, std, scale, hflip, **kw) for kw in views]
+    :func:`augmented_view` per entry of ``views`` (its pixel keywords), all of ``view_args``
+    (``img_size, channels, mean, std, scale[, hflip]``); one view gives a tensor, several a
+    tuple."""
+    made = [augmented_view(*view_args, **kw) for kw in views]
     return made[0] if len(made) == 1 else MultiView(*made)
 
 
