@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -129,19 +131,25 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def training_dataset(cfg: RunConfig) -> ImageDataset:
-    """The training split, cut to the class-balanced ``data.subset`` when set."""
+def split_dataset(cfg: RunConfig, train: bool) -> ImageDataset:
+    """The training (``train``) or evaluation split of ``data.*`` (no transform set)."""
     d = cfg.data
-    dataset = build_dataset(
+    return build_dataset(
         d.name,
         d.root,
-        train=True,
+        train=train,
         download=d.download,
         strict=d.strict,
         synthetic_size=d.synthetic_size,
         img_size=cfg.model.img_size,
         channels=cfg.model.in_chans,
     )
+
+
+def training_dataset(cfg: RunConfig) -> ImageDataset:
+    """The training split, cut to the class-balanced ``data.subset`` when set."""
+    d = cfg.data
+    dataset = split_dataset(cfg, train=True)
     if d.subset is not None:
         dataset = SubsetDataset(
             dataset, balanced_subset(dataset.labels, d.subset, cfg.trainer.seed)
@@ -320,6 +328,41 @@ def exported_encoder(module: PretrainMethod) -> MaskedViT:
     return whole
 
 
+def with_monitor(cfg: RunConfig, callbacks: list[Callback] | None) -> list[Callback]:
+    """The k-NN monitor of ``trainer.monitor_every`` (when it can run) followed by ``callbacks``."""
+    monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
+    return [*([monitor] if monitor is not None else []), *(callbacks or [])]
+
+
+def finish_with_encoder(
+    run: RunDirectory, trainer: L.Trainer, module: PretrainMethod, dev_run: int
+) -> None:
+    """Write ``module``'s exported encoder to ``encoder.pt`` of the run directory (rank 0; not in
+    a dev run), wait for every rank, and mark the run finished."""
+    encoder = exported_encoder(module) if not dev_run else None
+    if trainer.is_global_zero and encoder is not None:
+        save_encoder(encoder, run.path / "encoder.pt")
+    trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
+    run.finish()
+
+
+def train_run(
+    cfg: RunConfig,
+    out: str | Path,
+    train: Callable[[RunDirectory], None],
+    dev_run: int = 0,
+    **run_options: Any,
+) -> Path:
+    """What every training command does around its training: check the trainer settings, open
+    run directory ``out`` (lock and plan; ``run_options`` go to :class:`RunDirectory`) and, unless
+    the run is complete, ``train`` into it. Returns the run directory."""
+    check_trainer(cfg)
+    with RunDirectory(out, cfg.to_dict(), dev_run=bool(dev_run), **run_options) as run:
+        if not run.complete:
+            train(run)
+    return run.path
+
+
 def pretrain(
     cfg: RunConfig, out: str | Path, dev_run: int = 0, callbacks: list[Callback] | None = None
 ) -> Path:
@@ -339,11 +382,7 @@ def pretrain(
         The run directory.
     """
     check_command(cfg, "pretrain")
-    check_trainer(cfg)
-    with RunDirectory(out, cfg.to_dict(), dev_run=bool(dev_run)) as run:
-        if not run.complete:
-            _pretrain(cfg, run, dev_run, callbacks)
-    return run.path
+    return train_run(cfg, out, lambda run: _pretrain(cfg, run, dev_run, callbacks), dev_run)
 
 
 def _pretrain(
@@ -362,15 +401,10 @@ def _pretrain(
     )
     module = METHOD_CLASSES[cfg.method](cfg)
     dataset.transform = module.train_transform()
-    monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
-    extra = [*([monitor] if monitor is not None else []), *(callbacks or [])]  # after the monitor
+    extra = with_monitor(cfg, callbacks)
     if is_fsdp(cfg.trainer.strategy):  # rank 0 alone cannot run a sharded model
         log.warning("reconstruction grids disabled under FSDP")
     else:
         extra.insert(0, recon)
     trainer = fit_module(cfg, module, dataset, run_dir, extra, dev_run, run)
-    encoder = exported_encoder(module) if not dev_run else None
-    if trainer.is_global_zero and encoder is not None:
-        save_encoder(encoder, run_dir / "encoder.pt")
-    trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
-    run.finish()
+    finish_with_encoder(run, trainer, module, dev_run)

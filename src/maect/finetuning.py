@@ -31,16 +31,17 @@ from maect.checkpoints import (
     save_classifier,
 )
 from maect.config import SCRATCH, ConfigError, RunConfig
-from maect.data.datasets import (
-    ImageDataset,
-    SubsetDataset,
-    build_dataset,
-    normalization_stats,
-)
+from maect.data.datasets import ImageDataset, SubsetDataset, normalization_stats
 from maect.data.loader import build_loader
 from maect.data.subset import balanced_subset
 from maect.data.transforms import eval_transform, eval_view, to_normalized
-from maect.engine import check_trainer, fit_module, resolve_precision, training_dataset
+from maect.engine import (
+    fit_module,
+    resolve_precision,
+    split_dataset,
+    train_run,
+    training_dataset,
+)
 from maect.evaluation.accuracy import accuracy_summary, classifier_counts
 from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
@@ -85,16 +86,7 @@ def finetune_datasets(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     train = training_dataset(cfg)
     require_labels(train, cfg, "training")
     train = label_subset(train, d.label_fraction, cfg.trainer.seed)
-    test = build_dataset(
-        d.name,
-        d.root,
-        train=False,
-        download=d.download,
-        strict=d.strict,
-        synthetic_size=d.synthetic_size,
-        img_size=m.img_size,
-        channels=m.in_chans,
-    )
+    test = split_dataset(cfg, train=False)
     require_labels(test, cfg, "evaluation")
     mean, std = normalization_stats(d.name, m.in_chans)
     test.transform = eval_transform(m.img_size, m.in_chans, mean, std)
@@ -267,18 +259,15 @@ def finetune(
             f"checkpoint, or {SCRATCH})"
         )
     robustness_settings(cfg)  # bad names fail before any work
-    check_trainer(cfg)
-    with RunDirectory(
+    return train_run(
+        cfg,
         out,
-        cfg.to_dict(),
-        dev_run=bool(dev_run),
+        lambda run: _finetune(cfg, run, dev_run, callbacks),
+        dev_run,
         done_file=RESULT_FILE,
         final_outputs=("classifier.pt", RESULT_FILE),
         extendable=False,
-    ) as run:
-        if not run.complete:
-            _finetune(cfg, run, dev_run, callbacks)
-    return run.path
+    )
 
 
 def _finetune(

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from maect.checkpoints import CheckpointError, atomic_save, load_encoder, save_encoder
+from maect.checkpoints import CheckpointError, atomic_save, load_encoder
 from maect.config import (
     TUNING_METHODS,
     ConfigError,
@@ -27,8 +27,13 @@ from maect.config import (
     RunConfig,
     check_command,
 )
-from maect.engine import check_trainer, exported_encoder, fit_module, training_dataset
-from maect.evaluation.monitor import build_monitor
+from maect.engine import (
+    finish_with_encoder,
+    fit_module,
+    train_run,
+    training_dataset,
+    with_monitor,
+)
 from maect.methods.base import PretrainMethod, arch_from_config
 from maect.methods.maect import ContrastiveTuning, NNCLRHeadTraining
 from maect.methods.refiner import RefinerHeadTraining, RefinerTuning
@@ -96,11 +101,7 @@ def tune(
     either stage; raising ``trainer.epochs`` on a finished run continues stage 3); ``callbacks``
     join the trainers of both stages. Nothing is written before the checks pass."""
     check_command(cfg, "tune")
-    check_trainer(cfg)
-    with RunDirectory(out, cfg.to_dict(), dev_run=bool(dev_run)) as run:
-        if not run.complete:
-            _tune(cfg, run, callbacks, dev_run)
-    return run.path
+    return train_run(cfg, out, lambda run: _tune(cfg, run, callbacks, dev_run), dev_run)
 
 
 def _tune(
@@ -131,11 +132,6 @@ def _tune(
 
     tuning: PretrainMethod = stages.tune(cfg, load_init_encoder(cfg), head_state)
     dataset.transform = tuning.train_transform()
-    monitor = build_monitor(cfg, every=cfg.trainer.monitor_every)
-    stage3_callbacks = [*([monitor] if monitor is not None else []), *(callbacks or [])]
-    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3_callbacks, dev_run, run)
-    encoder = exported_encoder(tuning) if not dev_run else None
-    if trainer.is_global_zero and encoder is not None:
-        save_encoder(encoder, run_dir / "encoder.pt")
-    trainer.strategy.barrier("encoder.pt")  # a next stage on any rank reads it (maect run)
-    run.finish()
+    stage3 = with_monitor(cfg, callbacks)
+    trainer = fit_module(cfg, tuning, dataset, run_dir / "tune", stage3, dev_run, run)
+    finish_with_encoder(run, trainer, tuning, dev_run)
