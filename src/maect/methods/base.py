@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -256,6 +256,31 @@ class PretrainMethod(LightningModule):
         min_ratio = optim.min_lr / self.peak_lr
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class EncoderTuning:
+    """Mixin of the stage-3 methods that tune a pretrained encoder (MAE-CT's
+    ``ContrastiveTuning``, MIM-Refiner's ``RefinerTuning``; listed before their method base):
+    the :meth:`frozen_modules` and the encoder EMA ``ema_encoder`` stay in eval mode, and the
+    EMA, when there is one, is the exported encoder."""
+
+    encoder: MaskedViT
+    ema_encoder: MaskedViT | None
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The modules that stay frozen (no gradients) and in eval mode."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> Self:
+        super().train(mode)  # type: ignore[misc]
+        for module in self.frozen_modules():
+            module.eval()
+        if self.ema_encoder is not None:
+            self.ema_encoder.eval()
+        return self
+
+    def export_encoder(self) -> MaskedViT:
+        return self.ema_encoder if self.ema_encoder is not None else self.encoder
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:

@@ -20,7 +20,7 @@ from maect.config import ConfigError, MAECTConfig, RefinerConfig, RunConfig
 from maect.data.transforms import VIEW_PAIRS
 from maect.distributed import gather_no_grad
 from maect.losses.contrastive import nnclr_loss
-from maect.methods.base import PretrainMethod
+from maect.methods.base import EncoderTuning, PretrainMethod
 from maect.methods.schedule import decay_groups, layer_decay_groups
 from maect.models.ema import ema_update, frozen_copy
 from maect.models.heads import NNCLRPredictor, NNCLRProjector
@@ -180,7 +180,7 @@ class NNCLRHeadTraining(NNCLRMethod):
         return {key: whole_state_dict(self, key) for key in HEAD_KEYS}
 
 
-class ContrastiveTuning(NNCLRMethod):
+class ContrastiveTuning(EncoderTuning, NNCLRMethod):
     """Stage 3: the top blocks, the final norm and the head train; the bottom ``frozen_blocks``
     blocks and, if there are any, the patch embedding and CLS token stay frozen (no activations
     stored) and in eval mode."""
@@ -206,14 +206,6 @@ class ContrastiveTuning(NNCLRMethod):
         stem = [self.encoder.patch_embed] if self.frozen_blocks > 0 else []
         return [*stem, *self.encoder.blocks[: self.frozen_blocks]]
 
-    def train(self, mode: bool = True) -> ContrastiveTuning:
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        if self.ema_encoder is not None:
-            self.ema_encoder.eval()
-        return self
-
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_partially_frozen(images, self.frozen_blocks)
 
@@ -238,6 +230,3 @@ class ContrastiveTuning(NNCLRMethod):
             ema_update(self.target_projector, self.projector, self.cfg.maect.target_ema)
             if self.ema_encoder is not None:
                 ema_update(self.ema_encoder, self.encoder, self.cfg.maect.encoder_ema)
-
-    def export_encoder(self) -> MaskedViT:
-        return self.ema_encoder if self.ema_encoder is not None else self.encoder

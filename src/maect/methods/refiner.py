@@ -26,7 +26,7 @@ from maect.data.datasets import normalization_stats
 from maect.data.transforms import LOCAL_VIEWS, VIEW_PAIRS, multi_crop
 from maect.distributed import gather_no_grad
 from maect.losses.contrastive import multicrop_nn_loss, multicrop_pairs
-from maect.methods.base import PretrainMethod
+from maect.methods.base import EncoderTuning, PretrainMethod
 from maect.methods.maect import check_queue_size, head_schedule
 from maect.methods.schedule import decay_groups, layer_decay_groups
 from maect.models.ema import ema_update, frozen_copy
@@ -205,7 +205,7 @@ class RefinerHeadTraining(RefinerMethod):
             return self.encoder.forward_blocks(images, self.blocks)
 
 
-class RefinerTuning(RefinerMethod):
+class RefinerTuning(EncoderTuning, RefinerMethod):
     """Stage 3: the encoder and the heads train; with ``refiner.frozen_blocks > 0`` the patch
     embedding, the CLS token and the bottom blocks stay frozen (no activations stored) and in
     eval mode. An encoder EMA (``refiner.encoder_ema``) is exported for evaluation."""
@@ -240,14 +240,6 @@ class RefinerTuning(RefinerMethod):
             unused.append(self.encoder.norm)
         return unused
 
-    def train(self, mode: bool = True) -> RefinerTuning:
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        if self.ema_encoder is not None:
-            self.ema_encoder.eval()
-        return self
-
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder.forward_blocks(images, self.blocks, self.frozen_blocks)
 
@@ -269,6 +261,3 @@ class RefinerTuning(RefinerMethod):
         if self.ema_encoder is not None:
             with whole_root_params(self):  # FSDP: EMA and online parameters shaped alike
                 ema_update(self.ema_encoder, self.encoder, self.cfg.refiner.encoder_ema)
-
-    def export_encoder(self) -> MaskedViT:
-        return self.ema_encoder if self.ema_encoder is not None else self.encoder
