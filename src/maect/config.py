@@ -12,6 +12,7 @@ import difflib
 import fnmatch
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -697,15 +698,18 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
+def require_choice(value: Any, choices: Iterable[str], key: str) -> None:
+    """Raise ``ConfigError("KEY must be one of A, B, got 'VALUE'")`` unless ``value`` is one of
+    ``choices``."""
+    choices = list(choices)
+    require(value in choices, key, f"must be one of {', '.join(choices)}, got '{value}'")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check the cross-field rules; return ``cfg`` unchanged when valid."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    require(
-        cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got '{cfg.method}'"
-    )
-    require(
-        d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}, got '{d.name}'"
-    )
+    require_choice(cfg.method, METHODS, "method")
+    require_choice(d.name, DATASETS, "data.name")
     require(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
     require(
         m.img_size > 0 and m.img_size % m.patch_size == 0,
@@ -734,11 +738,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_method_sections(cfg)
     require(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    require(
-        d.augment_on in AUGMENT_ON,
-        "data.augment_on",
-        f"must be one of {', '.join(AUGMENT_ON)}, got '{d.augment_on}'",
-    )
+    require_choice(d.augment_on, AUGMENT_ON, "data.augment_on")
     require(
         d.subset is None or d.subset >= 1, "data.subset", f"must be >= 1 or null, got {d.subset}"
     )
@@ -787,11 +787,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "trainer.checkpoint_every_steps",
         f"must be >= 0 (0: only at epoch ends), got {t.checkpoint_every_steps}",
     )
-    require(
-        t.cpu_matmul in CPU_MATMULS,
-        "trainer.cpu_matmul",
-        f"must be one of {', '.join(CPU_MATMULS)}, got '{t.cpu_matmul}'",
-    )
+    require_choice(t.cpu_matmul, CPU_MATMULS, "trainer.cpu_matmul")
     return cfg
 
 
@@ -937,11 +933,7 @@ def validate_finetune(cfg: RunConfig) -> None:
         "is 'pixels': raw pixels have no encoder to fine-tune (use scratch for a randomly "
         "initialised ViT, or maect evaluate pixels for the pixel baseline)",
     )
-    require(
-        f.global_pool in GLOBAL_POOLS,
-        "finetune.global_pool",
-        f"must be one of {', '.join(GLOBAL_POOLS)}, got '{f.global_pool}'",
-    )
+    require_choice(f.global_pool, GLOBAL_POOLS, "finetune.global_pool")
     require(
         0.0 < f.layer_decay <= 1.0,
         "finetune.layer_decay",

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 import yaml
 
-from maect.config import DATASETS, ConfigError, from_dict, parse_overrides, require
+from maect.config import (
+    DATASETS,
+    ConfigError,
+    from_dict,
+    parse_overrides,
+    require,
+    require_choice,
+)
 from maect.data.datasets import NORMALIZATION
 from maect.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from maect.evaluation.features import resolve_device
@@ -272,16 +279,10 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
         "model.num_heads",
         f"must be >= 1 or null, got {m.num_heads}",
     )
-    require(
-        d.name is None or d.name in DATASETS,
-        "data.name",
-        f"must be one of {', '.join(DATASETS)}, got '{d.name}'",
-    )
-    require(
-        d.normalization is None or d.normalization in NORMALIZATION,
-        "data.normalization",
-        f"must be one of {', '.join(NORMALIZATION)}, got '{d.normalization}'",
-    )
+    if d.name is not None:
+        require_choice(d.name, DATASETS, "data.name")
+    if d.normalization is not None:
+        require_choice(d.normalization, NORMALIZATION, "data.normalization")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
         require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null, got {value}")
