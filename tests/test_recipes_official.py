@@ -97,23 +97,53 @@ STAGE3_ALL = {
     "data.hflip": True,
 }
 
+
+def _maect_yamls(variant: str, size: str, vit: str, both: dict, stage3: dict) -> dict[str, dict]:
+    """Expected values of ``yamls/stage2_{variant}_prepare_head/{size}.yaml`` and
+    ``yamls/stage3_{variant}_contrastive_tuning/{size}.yaml``: ``both`` holds what the two files
+    of one model share, ``stage3`` the contrastive tuning's own values."""
+    both = {**VIT[vit], **both}
+    return {
+        f"yamls/stage2_{variant}_prepare_head/{size}.yaml": {**STAGE2_ALL, **both},
+        f"yamls/stage3_{variant}_contrastive_tuning/{size}.yaml": {**STAGE3_ALL, **both, **stage3},
+    }
+
+
+# The huge16 and huge14 yamls of each variant differ only in the patch size.
+MAECT_HUGE = (
+    {"maect.pooling": "cls", "maect.views": "min", "global_batch": 512, "lr": 4e-4},
+    {
+        "trainer.epochs": 30,
+        "optim.warmup_epochs": 6.0,
+        "maect.frozen_blocks": 16,
+        "maect.temperature": 0.3,
+        "maect.topk": 20,
+        "maect.target_ema": 0.995,
+        "maect.tune_head_base_lr": 1e-4,
+        "head_lr": 4e-4,
+    },
+)
+MAECTAUG_HUGE = (
+    {"maect.pooling": "cls", "maect.views": "byol", "global_batch": 512, "lr": 4e-4},
+    {
+        "trainer.epochs": 40,
+        "optim.warmup_epochs": 8.0,
+        "maect.frozen_blocks": 16,
+        "maect.temperature": 0.35,
+        "maect.topk": 20,
+        "maect.target_ema": 0.995,
+        "maect.tune_head_base_lr": 5e-4,
+        "head_lr": 2e-3,
+    },
+)
 # recipe -> official file -> expected values; "global_batch", "lr", "head_lr" are derived below.
 MAECT_RECIPES: dict[str, dict[str, dict]] = {
-    "maect/in1k_vit_b16": {
-        "yamls/stage2_maect_prepare_head/base16.yaml": {
-            **STAGE2_ALL,
-            **VIT["b16"],
-            "maect.pooling": "mean",
-            "maect.views": "min",
-            "global_batch": 1024,
-            "lr": 8e-4,
-        },
-        "yamls/stage3_maect_contrastive_tuning/base16.yaml": {
-            **STAGE3_ALL,
-            **VIT["b16"],
-            "maect.pooling": "mean",
-            "maect.views": "min",
-            "global_batch": 1024,
+    "maect/in1k_vit_b16": _maect_yamls(
+        "maect",
+        "base16",
+        "b16",
+        {"maect.pooling": "mean", "maect.views": "min", "global_batch": 1024, "lr": 8e-4},
+        {
             "trainer.epochs": 20,
             "optim.warmup_epochs": 4.0,
             "maect.frozen_blocks": 6,
@@ -121,25 +151,15 @@ MAECT_RECIPES: dict[str, dict[str, dict]] = {
             "maect.topk": 20,
             "maect.target_ema": 0.99,
             "maect.tune_head_base_lr": 1e-4,
-            "lr": 8e-4,
             "head_lr": 8e-4,
         },
-    },
-    "maect/in1k_vit_l16": {
-        "yamls/stage2_maect_prepare_head/large16.yaml": {
-            **STAGE2_ALL,
-            **VIT["l16"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 1024,
-            "lr": 8e-4,
-        },
-        "yamls/stage3_maect_contrastive_tuning/large16.yaml": {
-            **STAGE3_ALL,
-            **VIT["l16"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 1024,
+    ),
+    "maect/in1k_vit_l16": _maect_yamls(
+        "maect",
+        "large16",
+        "l16",
+        {"maect.pooling": "cls", "maect.views": "min", "global_batch": 1024, "lr": 8e-4},
+        {
             "trainer.epochs": 20,
             "optim.warmup_epochs": 4.0,
             "maect.frozen_blocks": 12,
@@ -147,77 +167,17 @@ MAECT_RECIPES: dict[str, dict[str, dict]] = {
             "maect.topk": 20,
             "maect.target_ema": 0.99,
             "maect.tune_head_base_lr": 1e-4,
-            "lr": 8e-4,
             "head_lr": 8e-4,
         },
-    },
-    "maect/in1k_vit_h16": {
-        "yamls/stage2_maect_prepare_head/huge16.yaml": {
-            **STAGE2_ALL,
-            **VIT["h16"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 512,
-            "lr": 4e-4,
-        },
-        "yamls/stage3_maect_contrastive_tuning/huge16.yaml": {
-            **STAGE3_ALL,
-            **VIT["h16"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 512,
-            "trainer.epochs": 30,
-            "optim.warmup_epochs": 6.0,
-            "maect.frozen_blocks": 16,
-            "maect.temperature": 0.3,
-            "maect.topk": 20,
-            "maect.target_ema": 0.995,
-            "maect.tune_head_base_lr": 1e-4,
-            "lr": 4e-4,
-            "head_lr": 4e-4,
-        },
-    },
-    "maect/in1k_vit_h14": {
-        "yamls/stage2_maect_prepare_head/huge14.yaml": {
-            **STAGE2_ALL,
-            **VIT["h14"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 512,
-            "lr": 4e-4,
-        },
-        "yamls/stage3_maect_contrastive_tuning/huge14.yaml": {
-            **STAGE3_ALL,
-            **VIT["h14"],
-            "maect.pooling": "cls",
-            "maect.views": "min",
-            "global_batch": 512,
-            "trainer.epochs": 30,
-            "optim.warmup_epochs": 6.0,
-            "maect.frozen_blocks": 16,
-            "maect.temperature": 0.3,
-            "maect.topk": 20,
-            "maect.target_ema": 0.995,
-            "maect.tune_head_base_lr": 1e-4,
-            "lr": 4e-4,
-            "head_lr": 4e-4,
-        },
-    },
-    "maectaug/in1k_vit_b16": {
-        "yamls/stage2_maectaug_prepare_head/base16.yaml": {
-            **STAGE2_ALL,
-            **VIT["b16"],
-            "maect.pooling": "mean",
-            "maect.views": "byol",
-            "global_batch": 1024,
-            "lr": 8e-4,
-        },
-        "yamls/stage3_maectaug_contrastive_tuning/base16.yaml": {
-            **STAGE3_ALL,
-            **VIT["b16"],
-            "maect.pooling": "mean",
-            "maect.views": "byol",
-            "global_batch": 1024,
+    ),
+    "maect/in1k_vit_h16": _maect_yamls("maect", "huge16", "h16", *MAECT_HUGE),
+    "maect/in1k_vit_h14": _maect_yamls("maect", "huge14", "h14", *MAECT_HUGE),
+    "maectaug/in1k_vit_b16": _maect_yamls(
+        "maectaug",
+        "base16",
+        "b16",
+        {"maect.pooling": "mean", "maect.views": "byol", "global_batch": 1024, "lr": 8e-4},
+        {
             "trainer.epochs": 80,
             "optim.warmup_epochs": 16.0,
             "maect.frozen_blocks": 6,
@@ -225,25 +185,15 @@ MAECT_RECIPES: dict[str, dict[str, dict]] = {
             "maect.topk": 10,
             "maect.target_ema": 0.99,
             "maect.tune_head_base_lr": 5e-4,
-            "lr": 8e-4,
             "head_lr": 4e-3,
         },
-    },
-    "maectaug/in1k_vit_l16": {
-        "yamls/stage2_maectaug_prepare_head/large16.yaml": {
-            **STAGE2_ALL,
-            **VIT["l16"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 1024,
-            "lr": 8e-4,
-        },
-        "yamls/stage3_maectaug_contrastive_tuning/large16.yaml": {
-            **STAGE3_ALL,
-            **VIT["l16"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 1024,
+    ),
+    "maectaug/in1k_vit_l16": _maect_yamls(
+        "maectaug",
+        "large16",
+        "l16",
+        {"maect.pooling": "cls", "maect.views": "byol", "global_batch": 1024, "lr": 8e-4},
+        {
             "trainer.epochs": 40,
             "optim.warmup_epochs": 8.0,
             "maect.frozen_blocks": 12,
@@ -251,62 +201,11 @@ MAECT_RECIPES: dict[str, dict[str, dict]] = {
             "maect.topk": 10,
             "maect.target_ema": 0.99,
             "maect.tune_head_base_lr": 5e-4,
-            "lr": 8e-4,
             "head_lr": 4e-3,
         },
-    },
-    "maectaug/in1k_vit_h16": {
-        "yamls/stage2_maectaug_prepare_head/huge16.yaml": {
-            **STAGE2_ALL,
-            **VIT["h16"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 512,
-            "lr": 4e-4,
-        },
-        "yamls/stage3_maectaug_contrastive_tuning/huge16.yaml": {
-            **STAGE3_ALL,
-            **VIT["h16"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 512,
-            "trainer.epochs": 40,
-            "optim.warmup_epochs": 8.0,
-            "maect.frozen_blocks": 16,
-            "maect.temperature": 0.35,
-            "maect.topk": 20,
-            "maect.target_ema": 0.995,
-            "maect.tune_head_base_lr": 5e-4,
-            "lr": 4e-4,
-            "head_lr": 2e-3,
-        },
-    },
-    "maectaug/in1k_vit_h14": {
-        "yamls/stage2_maectaug_prepare_head/huge14.yaml": {
-            **STAGE2_ALL,
-            **VIT["h14"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 512,
-            "lr": 4e-4,
-        },
-        "yamls/stage3_maectaug_contrastive_tuning/huge14.yaml": {
-            **STAGE3_ALL,
-            **VIT["h14"],
-            "maect.pooling": "cls",
-            "maect.views": "byol",
-            "global_batch": 512,
-            "trainer.epochs": 40,
-            "optim.warmup_epochs": 8.0,
-            "maect.frozen_blocks": 16,
-            "maect.temperature": 0.35,
-            "maect.topk": 20,
-            "maect.target_ema": 0.995,
-            "maect.tune_head_base_lr": 5e-4,
-            "lr": 4e-4,
-            "head_lr": 2e-3,
-        },
-    },
+    ),
+    "maectaug/in1k_vit_h16": _maect_yamls("maectaug", "huge16", "h16", *MAECTAUG_HUGE),
+    "maectaug/in1k_vit_h14": _maect_yamls("maectaug", "huge14", "h14", *MAECTAUG_HUGE),
 }
 
 # yamls/stage1_mae/*.yaml: multi_view_wrapper n_views 2, kd_random_resized_crop 0.2-1 bicubic +
