@@ -24,11 +24,16 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+ONE_ROUND = ("--batch", "4", "--rounds", "1", "--warmup", "1")  # train_step.py: one timed round
+
+
+def tiny_train_step(*args: str) -> str:
+    """``benchmarks/train_step.py`` on the tiny Fashion-MNIST ViT, on the CPU."""
+    return run("train_step.py", "--model", "vit_t_fmnist", "--device", "cpu", *args)
+
+
 def test_train_step_prints_every_case_and_the_summary():
-    out = run(
-        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--rounds", "1",
-        "--warmup", "1", "--inner", "1", "--device", "cpu",
-    )  # fmt: skip
+    out = tiny_train_step(*ONE_ROUND, "--inner", "1")
     for case in ("mae", "lightly", "maect", "maect_eager", "can", "can_eager", "simclr"):
         assert f"\n{case} " in out
     summary = out.strip().splitlines()[-1]
@@ -36,24 +41,15 @@ def test_train_step_prints_every_case_and_the_summary():
 
 
 def test_train_step_refiner_cases():
-    out = run(
-        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--cases",
-        "refiner,refiner_head", "--flops-only", "--device", "cpu",
-    )  # fmt: skip
+    out = tiny_train_step("--batch", "4", "--cases", "refiner,refiner_head", "--flops-only")
     assert "\nrefiner " in out and "\nrefiner_head " in out
 
 
 def test_train_step_named_candidates_and_memory_print_each_group():
-    out = run(
-        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--rounds", "1",
-        "--warmup", "1", "--device", "cpu", "--cases", "mae", "--candidates", "sync,checkpointing",
-    )  # fmt: skip
+    out = tiny_train_step(*ONE_ROUND, "--cases", "mae", "--candidates", "sync,checkpointing")
     assert "mae guard on device (sync-free)" in out and "mae activation checkpointing" in out
     assert "summary" not in out and "\nlightly " not in out  # named candidates run alone
-    out = run(
-        "train_step.py", "--model", "vit_t_fmnist", "--batch", "2", "--device", "cpu",
-        "--cases", "mae", "--memory",
-    )  # fmt: skip
+    out = tiny_train_step("--batch", "2", "--cases", "mae", "--memory")
     assert "memory mae: stored for backward" in out
     assert "memory mae, activation checkpointing: stored for backward" in out
 
@@ -129,9 +125,6 @@ def test_cpu_linear_prints_every_shape():
 
 
 def test_train_step_times_finetuning_against_a_plain_timm_loop():
-    out = run(
-        "train_step.py", "--model", "vit_t_fmnist", "--batch", "4", "--rounds", "1",
-        "--warmup", "1", "--inner", "1", "--device", "cpu", "--cases", "finetune,finetune_plain",
-    )  # fmt: skip
+    out = tiny_train_step(*ONE_ROUND, "--inner", "1", "--cases", "finetune,finetune_plain")
     assert "\nfinetune " in out and "\nfinetune_plain " in out
     assert "finetune_vs_plain=" in out.strip().splitlines()[-1]
