@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny ViT configuration on synthetic data; helpers for spawned ranks."""
 
+import logging
 import os
 import socket
 
 import pytest
 import torch
 
+from maect.cli import main
 from maect.config import load_config
 from maect.models.vit import ViTArch
 
@@ -22,6 +24,26 @@ TINY_OVERRIDES = [
     "trainer.progress_bar=false",
     "trainer.log_every_n_steps=1",
 ]
+
+
+def run_cli(*argv: str) -> int:
+    """``maect.cli.main(argv)``; the ``maect`` logger keeps its handlers (main adds one bound to
+    the stderr that pytest captures)."""
+    logger = logging.getLogger("maect")
+    handlers = list(logger.handlers)
+    try:
+        return main(list(argv))
+    finally:
+        logger.handlers = handlers
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """The error line of a failing CLI call ``maect COMMAND ...`` (exit 2; log lines before it,
+    e.g. a fallback, are allowed)."""
+    assert run_cli(*argv) == 2
+    *_, err = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"maect {argv[0]}: error: "), err
+    return err
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ before it, and is reported as skipped with that reason.
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 import shutil
@@ -31,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from maect.cli import COMMANDS, main, parse_invocation
+from maect.cli import COMMANDS, parse_invocation
 from maect.engine import pretrain
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_cli
 from tests.test_finetune import FT_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,12 +127,7 @@ def test_documented_command_runs(where, argv, tmp_path, monkeypatch, capsys):
     if name in NEED_RESULTS or (name == "evaluate" and source.endswith(".json")):
         parse_invocation(COMMANDS[name], args[1:])  # run for real by the walkthrough
         return
-    logger = logging.getLogger("maect")
-    handlers = list(logger.handlers)
-    try:
-        code = main([*args, "--dry-run"] if name in DRY_RUN else args)
-    finally:
-        logger.handlers = handlers
+    code = run_cli(*([*args, "--dry-run"] if name in DRY_RUN else args))
     assert code == 0, f"{where}: {shlex.join(argv)}\n{capsys.readouterr().err}"
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert written == [], f"{where}: a dry run wrote {written}"

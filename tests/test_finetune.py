@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import random
 import statistics
 import types
@@ -33,7 +32,7 @@ from maect.models.classifier import ViTClassifier, classifier_from_state
 from maect.models.vit import MaskedViT, ViTArch
 from maect.pipeline import load_pipeline, run_pipeline
 from maect.report import write_report
-from tests.conftest import TINY_OVERRIDES, free_port, rank_environment
+from tests.conftest import TINY_OVERRIDES, cli_error, free_port, rank_environment
 
 RECIPE = "finetune/fmnist_vit_t"
 # Tiny ViT on synthetic class templates; the spatial augmentations are off because the templates
@@ -60,18 +59,6 @@ def _module(cfg) -> FineTuning:
         MaskedViT(arch_from_config(cfg)).state_dict(), arch_from_config(cfg), 10, "avg", 0.1
     )
     return FineTuning(cfg, classifier, make_synthetic(20, train=False))
-
-
-def _cli_error(capsys, *args: str) -> str:
-    logger = logging.getLogger("maect")
-    handlers = list(logger.handlers)
-    try:
-        assert main(list(args)) == 2
-    finally:
-        logger.handlers = handlers
-    *_, err = capsys.readouterr().err.strip().splitlines()
-    assert err.startswith("maect finetune: error: "), err
-    return err
 
 
 def test_layer_decay_lr_of_every_group(tmp_path):
@@ -354,7 +341,7 @@ def test_bad_input_gives_one_line_errors_naming_the_key(
     _fb_mae_finetuned(tmp_path / "ft.pth")
     source = source.format(tmp=tmp_path)
     args = ["finetune", source, f"recipe={RECIPE}", f"out={tmp_path / 'run'}", *FT_TINY, *overrides]
-    assert message in _cli_error(capsys, *args)
+    assert message in cli_error(capsys, *args)
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
@@ -362,7 +349,7 @@ def test_dataset_without_labels_is_refused(capsys, tmp_path, monkeypatch):
     unlabeled = make_synthetic(64, train=True)
     unlabeled.labels[:] = -1
     monkeypatch.setattr("maect.finetuning.training_dataset", lambda cfg: unlabeled)
-    err = _cli_error(
+    err = cli_error(
         capsys, "finetune", "scratch", f"recipe={RECIPE}", f"out={tmp_path}/r", *FT_TINY
     )
     assert "data.name=synthetic: the training split has unlabeled images" in err

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from maect.checkpoints import CheckpointError, CheckpointWriteError, atomic_save, save_encoder
-from maect.cli import main
 from maect.config import ConfigError, load_config
 from maect.data import loader as loader_module
 from maect.data.loader import EpochShuffleSampler, SeededItems, collate_samples
@@ -33,7 +32,7 @@ from maect.methods.base import arch_from_config
 from maect.methods.mae import MAE
 from maect.models.vit import MaskedViT
 from maect.tuning import load_init_encoder
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, cli_error
 
 MODEL = load_config("mae/fmnist_vit_t", TINY_OVERRIDES).to_dict()["model"]
 
@@ -390,25 +389,10 @@ def test_strict_unreadable_image_is_one_cli_line(capsys, tmp_path):
     43-line traceback (the worker's, re-raised by torch and Lightning)."""
     _image_tree(tmp_path / "data", good=15, broken=1)
     args = [*IMAGEFOLDER, f"data.root={tmp_path / 'data'}", "data.strict=true", "trainer.epochs=1"]
-    err = _cli_error(
-        capsys, "pretrain", "recipe=mae/fmnist_vit_t", f"out={tmp_path / 'run'}", *args
-    )
+    err = cli_error(capsys, "pretrain", "recipe=mae/fmnist_vit_t", f"out={tmp_path / 'run'}", *args)
     assert re.fullmatch(
         r"maect pretrain: error: unreadable image \S*broken0\.png: .* \(data\.strict=true\)", err
     ), err
-
-
-def _cli_error(capsys, *args: str) -> str:
-    """The error line of a failing CLI call (log lines before it, e.g. a fallback, are allowed)."""
-    logger = logging.getLogger("maect")
-    handlers = list(logger.handlers)
-    try:
-        assert main(list(args)) == 2
-    finally:
-        logger.handlers = handlers  # main() adds a handler bound to the captured stderr
-    *_, err = capsys.readouterr().err.strip().splitlines()
-    assert err.startswith("maect pretrain: error: "), err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -426,15 +410,15 @@ def test_bad_input_gives_one_line_cli_errors(capsys, tmp_path, overrides, messag
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     recipe = next((o for o in overrides if o.startswith("recipe=")), "recipe=mae/fmnist_vit_t")
     rest = [o for o in overrides if not o.startswith("recipe=")]
-    err = _cli_error(capsys, "pretrain", recipe, f"out={tmp_path / 'run'}", *TINY_OVERRIDES, *rest)
+    err = cli_error(capsys, "pretrain", recipe, f"out={tmp_path / 'run'}", *TINY_OVERRIDES, *rest)
     assert message in err
 
 
-def test_resume_checkpoint_that_is_not_a_checkpoint_is_a_cli_error(capsys, tmp_path):
+def test_resume_checkpoint_that_is_not_a_checkpoint_is_acli_error(capsys, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_text("hello")
-    err = _cli_error(capsys, "pretrain", "recipe=mae/fmnist_vit_t", f"out={run}", *TINY_OVERRIDES)
+    err = cli_error(capsys, "pretrain", "recipe=mae/fmnist_vit_t", f"out={run}", *TINY_OVERRIDES)
     assert "no readable checkpoint" in err and "last.ckpt is truncated or not a checkpoint" in err
 
 

@@ -5,7 +5,6 @@ extending a finished run by raising trainer.epochs."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -20,25 +19,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from maect.atomic import atomic_write_text
-from maect.cli import main
 from maect.config import ConfigError, load_config
 from maect.engine import pretrain
 from maect.methods.schedule import warmup_cosine
 from maect.rundir import LOCK_FILE, RunDirectory, RunDirectoryError, RunLock
 from maect.tuning import tune
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_cli
 from tests.test_maect import MAECT_TINY
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
-    logger = logging.getLogger("maect")
-    handlers = list(logger.handlers)
-    try:
-        code = main(list(argv))
-    finally:
-        logger.handlers = handlers
+    code = run_cli(*argv)
     return code, capsys.readouterr().err
 
 
