@@ -317,28 +317,16 @@ def cached_features(
     dataset: Dataset,
     key: FeatureKey,
     cache_dir: Path | None,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-    shard: bool = False,
+    **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_features` through an on-disk cache in ``cache_dir`` (``None``: no cache).
-
-    The caller guarantees that ``key`` describes ``encoder`` and ``dataset`` (with its transform);
-    ``key.pooling`` and ``key.layer`` select the pooling. A stored file whose key differs (a hash
-    collision, or a file from elsewhere) is ignored and overwritten.
-
-    With ``shard`` in a process group (every rank calls), rank 0 alone reads and writes the cache
-    and receives the features; on a miss all ranks share the extraction (``extract_features``'s
-    ``shard``); the other ranks get empty tensors.
+    """:func:`extract_features` through an on-disk cache in ``cache_dir`` (``None``: no cache):
+    the one-key case of :func:`cached_layer_features`, which takes ``options`` (batch_size,
+    device, num_workers, progress, shard).
 
     Returns:
         ``(features [N, D] float32 CPU, labels [N] int64)``, identical to a fresh extraction.
     """
-    (features,), labels = cached_layer_features(
-        encoder, dataset, [key], cache_dir, batch_size, device, num_workers, progress, shard
-    )
+    (features,), labels = cached_layer_features(encoder, dataset, [key], cache_dir, **options)
     return features, labels
 
 
@@ -353,9 +341,17 @@ def cached_layer_features(
     progress: bool = True,
     shard: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`cached_features` for several keys that differ only in ``layer``: each is read
-    from the cache where stored, the missing ones come from ONE :func:`extract_layer_features`
-    pass and are stored one file per layer.
+    """:func:`extract_layer_features` through an on-disk cache in ``cache_dir`` (``None``: no
+    cache), for several keys that differ only in ``layer``: each is read from the cache where
+    stored, the missing ones come from ONE extraction pass and are stored one file per layer.
+
+    The caller guarantees that each key describes ``encoder`` and ``dataset`` (with its
+    transform); ``key.pooling`` and ``key.layer`` select the pooling. A stored file whose key
+    differs (a hash collision, or a file from elsewhere) is ignored and overwritten.
+
+    With ``shard`` in a process group (every rank calls), rank 0 alone reads and writes the cache
+    and receives the features; on a miss all ranks share the extraction
+    (``extract_layer_features``'s ``shard``); the other ranks get empty tensors.
 
     Returns:
         ``([features [N, D] float32 CPU per key], labels [N] int64)``.
