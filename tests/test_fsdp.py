@@ -24,6 +24,7 @@ from maect.methods.base import PretrainMethod, arch_from_config
 from maect.models.vit import MaskedViT
 from maect.tuning import tune
 from tests.conftest import TINY_OVERRIDES, free_port, rank_environment
+from tests.test_maect import MAECT_TINY
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +41,8 @@ COMMON = [
     "trainer.monitor_every=0",
     "trainer.checkpoint_every_steps=1",
 ]
-MAECT = [
-    "maect.queue_size=32",
-    "maect.topk=1",
-    "maect.proj_hidden_dim=32",
-    "maect.proj_dim=16",
-    "maect.pred_hidden_dim=32",
-    "maect.frozen_blocks=1",
-    "maect.head_epochs=1",
-    "maect.head_warmup_epochs=0",
-    "maect.encoder_ema=0.9",
-    "maect.target_ema=0.9",
-]
+# applied after test_maect's MAECT_TINY and COMMON
+MAECT = ["maect.queue_size=32", "maect.topk=1", "maect.encoder_ema=0.9", "maect.target_ema=0.9"]
 
 
 def _mae(strategy: str) -> RunConfig:
@@ -62,7 +53,7 @@ def _mae(strategy: str) -> RunConfig:
 
 def _maect(strategy: str, init: Path) -> RunConfig:
     extra = [*MAECT, f"maect.init={init}", f"trainer.strategy={strategy}"]
-    return load_config("maect/fmnist_vit_t", [*COMMON, *extra])
+    return load_config("maect/fmnist_vit_t", [*MAECT_TINY, *COMMON, *extra])
 
 
 def spy_on_groups(groups: list) -> None:
