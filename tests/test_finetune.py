@@ -291,6 +291,27 @@ def test_transfer_to_rgb_images_of_another_size(tmp_path):
     assert torch.equal(same.norm.weight, encoder.norm.weight)  # token pooling keeps the norm
 
 
+def test_a_tune_run_directory_is_an_encoder_source(tmp_path):
+    """A `maect tune` run keeps encoder.pt at its top and its checkpoints in head/ and tune/:
+    fine-tuning it starts from encoder.pt (it once failed as 'a directory without
+    classifier.pt or checkpoints/last.ckpt')."""
+    from maect.finetuning import source_classifier
+
+    cfg = _cfg()
+    encoder = MaskedViT(arch_from_config(cfg))
+    run = tmp_path / "maect"
+    for stage in ("head", "tune"):
+        (run / stage / "checkpoints").mkdir(parents=True)
+        torch.save({"state_dict": {}}, run / stage / "checkpoints" / "last.ckpt")
+    save_encoder(encoder, run / "encoder.pt")
+    model = source_classifier(_cfg(init=str(run)), 10)
+    assert torch.equal(model.pos_embed, encoder.pos_embed)
+    assert torch.equal(model.blocks[-1].mlp.fc2.weight, encoder.blocks[-1].mlp.fc2.weight)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="without classifier.pt or .* or encoder.pt"):
+        source_classifier(_cfg(init=str(tmp_path / "empty")), 10)
+
+
 def test_classifier_source_keeps_its_head_unless_reset(tmp_path):
     _fb_mae_finetuned(tmp_path / "ft.pth", num_classes=10)
     cfg = _cfg("model.num_heads=2", "trainer.epochs=0", init=str(tmp_path / "ft.pth"))

@@ -373,8 +373,10 @@ def load_classifier(
 
 
 def holds_classifier(source: str | Path | Mapping[str, Any]) -> bool:
-    """Whether ``source`` (as :func:`load_classifier` reads it) has a classifier head."""
-    obj, _ = _read(source, CLASSIFIER_FILES, mmap=True)
+    """Whether ``source`` (as :func:`load_classifier` reads it; a run directory without its
+    files is read as :func:`load_encoder` reads it, e.g. a ``maect tune`` run, whose checkpoints
+    live in ``head/`` and ``tune/``) has a classifier head."""
+    obj, _ = _read(source, (*CLASSIFIER_FILES, *ENCODER_FILES), mmap=True)
     return "head.weight" in _state_dict(obj, keep_head=True)[0]
 
 
