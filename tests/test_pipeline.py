@@ -179,3 +179,40 @@ def test_per_block_settings_reach_encoders_but_not_pixels(tmp_path):
     assert encoder.layers == "all" and encoder.out is None
     assert pixels.layers is None and pixels.out == str(tmp_path / "pixels")
     assert load_pipeline("refine_fmnist")[0].eval_overrides[-1] == "layers=all"
+
+
+def test_a_claim_with_margins_needs_the_gain_not_only_the_direction():
+    from maect.pipeline import Comparison, check, format_results
+
+    results = {"refiner": {"knn": {"top1": 80.0}}, "mae": {"knn": {"top1": 78.5}}}
+    aim = Comparison("refiner", "mae", ["knn.top1"], "+3 k-NN", margins={"knn.top1": 3})
+    direction = Comparison("refiner", "mae", ["knn.top1"], "any gain")
+    assert not check(aim, results)["holds"] and check(direction, results)["holds"]
+    results["refiner"]["knn"]["top1"] = 81.5
+    assert check(aim, results)["holds"]
+    summary = {"train_seconds": {}, "results": results, "note": "",
+               "comparisons": [check(aim, results)]}  # fmt: skip
+    assert "knn.top1 +3.0 (aim ≥ +3) — shows here" in format_results(summary)
+
+
+def test_margins_must_name_a_metric_of_the_claim(tmp_path):
+    spec = {
+        "stages": [{"name": "mae", "command": "pretrain", "recipe": "mae/fmnist_vit_t"}],
+        "evaluate": ["pixels", "mae"],
+        "comparisons": [{"method": "mae", "baseline": "pixels", "metrics": ["knn.top1"],
+                         "margins": {"linear.top1": 1}}],
+    }  # fmt: skip
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"margins: 'linear.top1' is not in its metrics"):
+        load_pipeline(str(recipe))
+
+
+def test_a_resumed_stage_has_its_training_minutes_marked():
+    from maect.pipeline import RESUMED_NOTE, format_results
+
+    summary = {"train_seconds": {"mae": 120.0, "maect": 60.0}, "resumed": ["maect"],
+               "results": {"mae": {"knn": {"top1": 1.0}}, "maect": {"knn": {"top1": 2.0}}},
+               "note": "", "comparisons": []}  # fmt: skip
+    table = format_results(summary)
+    assert "| 2.0 |" in table and "| 1.0* |" in table and RESUMED_NOTE in table

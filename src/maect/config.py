@@ -628,6 +628,9 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key_type, value_type = typing.get_args(tp)
+        return f"mapping of {_type_name(key_type)} to {_type_name(value_type)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -647,6 +650,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, list | tuple):
             (item_type,) = typing.get_args(tp)
             return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_type, value_type = typing.get_args(tp)
+            return {
+                _coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}")
+                for k, v in value.items()
+            }
     elif tp is bool:
         if isinstance(value, bool):
             return value

@@ -7,7 +7,10 @@ skipped and an interrupted one resumes. A ``finetune`` stage with ``seeds`` runs
 ``<out>/<stage name>/seed<k>`` and reports the mean and standard deviation. Evaluation writes
 ``eval.json`` in each evaluated directory (``<out>/pixels`` for the raw-pixel baseline) and is
 skipped when that file exists; fine-tuning stages are scored by their ``finetune.json``. The
-comparison goes to stdout, ``results.json`` and ``results.md``.
+comparison goes to stdout, ``results.json`` and ``results.md``: each of the recipe's
+``comparisons`` (``method``, ``baseline``, ``metrics``, ``claim``, optional ``margins``, the
+least gain in points per metric) shows or does not show; a stage resumed after an interruption
+has its training minutes marked, since only the resuming call was timed.
 """
 
 from __future__ import annotations
@@ -72,12 +75,14 @@ class StageSpec:
 
 @dataclass
 class Comparison:
-    """A claim of the papers to check: ``method`` should beat ``baseline`` on ``metrics``."""
+    """A claim to check: ``method`` should beat ``baseline`` on ``metrics``, by at least
+    ``margins[metric]`` points where a margin is given (an aim such as "+3 k-NN")."""
 
     method: str = ""
     baseline: str = ""
     metrics: list[str] = field(default_factory=list)
     claim: str = ""
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +143,11 @@ def load_pipeline(name: str) -> tuple[PipelineSpec, list[StageSpec], list[Compar
     for i, c in enumerate(comparisons):
         if {c.method, c.baseline} - known:
             raise ConfigError(f"comparisons[{i}] names a source that is not evaluated")
+        stray = sorted(set(c.margins) - set(c.metrics))
+        if stray:
+            raise ConfigError(f"comparisons[{i}].margins: '{stray[0]}' is not in its metrics")
+        if any(m < 0 for m in c.margins.values()):
+            raise ConfigError(f"comparisons[{i}].margins must be >= 0 (points of gain)")
     return spec, stages, comparisons
 
 
@@ -194,12 +204,13 @@ def device_name(cfg: Any | None = None) -> str:
     return torch.cuda.get_device_name() if gpu else cpu_name()
 
 
-def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
-    """Train one stage (skipped when complete) and return the wall seconds of the call that
-    completed it, kept in ``TIMING_FILE`` so a stage trained by an earlier call (or on another
-    machine) still reports its cost. A stage resumed after an interruption counts only the
-    resuming call (``"resumed": true`` in the file). Progress lines with the time left in the
-    stage are printed as it trains (:class:`maect.callbacks.StageProgress`)."""
+def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """Train one stage (skipped when complete) and return the timing record of the call that
+    completed it (``train_seconds``, ``device``, ``resumed``), kept in ``TIMING_FILE`` so a stage
+    trained by an earlier call (or on another machine) still reports its cost. A stage resumed
+    after an interruption counts only the resuming call (``"resumed": true``). Progress lines
+    with the time left in the stage are printed as it trains
+    (:class:`maect.callbacks.StageProgress`)."""
     from maect.callbacks import StageProgress
     from maect.engine import pretrain
     from maect.finetuning import finetune
@@ -221,7 +232,7 @@ def run_stage(stage: StageSpec, cfg: Any, run_dir: Path) -> float | None:
         timing_file.write_text(json.dumps(record))
     if not timing_file.is_file():
         return None
-    return float(json.loads(timing_file.read_text())["train_seconds"])
+    return json.loads(timing_file.read_text())
 
 
 @dataclass
@@ -356,18 +367,22 @@ def _run_pipeline(p: ResolvedPipeline, started: float) -> dict[str, Any]:
 
     pending = [f"stage {s.name}" for s in stages] + [f"evaluate {e}" for e in spec.evaluate]
     train_seconds: dict[str, float | None] = {}
+    resumed: list[str] = []
     for stage in stages:
         stage_started = time.perf_counter()
-        seconds: list[float | None] = []
+        timings: list[dict[str, Any] | None] = []
         for run_dir, seed in stage.run_dirs(out_dir):
             where = f" ({run_dir.name})" if seed else ""
             print(
                 f"\n=== stage {stage.name}{where}: maect {stage.command} recipe={stage.recipe}",
                 flush=True,
             )
-            seconds.append(run_stage(stage, p.configs[run_dir], run_dir))
-        known = [t for t in seconds if t is not None]
-        train_seconds[stage.name] = sum(known) if len(known) == len(seconds) else None
+            timings.append(run_stage(stage, p.configs[run_dir], run_dir))
+        known = [t for t in timings if t is not None]
+        complete = len(known) == len(timings)
+        train_seconds[stage.name] = sum(t["train_seconds"] for t in known) if complete else None
+        if any(t.get("resumed") for t in known):
+            resumed.append(stage.name)
         pending.pop(0)
         done(f"stage {stage.name} done", stage_started, pending)
 
@@ -392,6 +407,7 @@ def _run_pipeline(p: ResolvedPipeline, started: float) -> dict[str, Any]:
         "description": spec.description,
         "note": pipeline_note(spec),
         "train_seconds": train_seconds,
+        "resumed": resumed,
         "results": results,
         "comparisons": [check(c, results) for c in p.comparisons],
     }
@@ -437,13 +453,16 @@ def metric(result: dict[str, Any], path: str) -> float | None:
 
 
 def check(comparison: Comparison, results: dict[str, Any]) -> dict[str, Any]:
-    """Per metric: method value minus baseline value (positive = the papers' direction)."""
+    """Per metric: method value minus baseline value (positive = the papers' direction); the
+    claim holds when every delta is positive and at least its margin."""
     deltas = {}
     for name in comparison.metrics:
         a = metric(results.get(comparison.method, {}), name)
         b = metric(results.get(comparison.baseline, {}), name)
         deltas[name] = None if a is None or b is None else a - b
-    holds = all(d is not None and d > 0 for d in deltas.values())
+    holds = all(
+        d is not None and d > 0 and d >= comparison.margins.get(k, 0) for k, d in deltas.items()
+    )
     return {**comparison.__dict__, "deltas": deltas, "holds": holds}
 
 
@@ -462,10 +481,19 @@ def protocol_notes(results: dict[str, Any]) -> list[str]:
     return ["\n" + "; ".join(f"{', '.join(t)}: {label}" for label, t in columns.items())]
 
 
+RESUMED_MARK = "*"
+RESUMED_NOTE = (
+    f"{RESUMED_MARK} resumed after an interruption: the minutes of the resuming calls only"
+)
+
+
 def train_minutes(summary: dict[str, Any], source: str) -> str:
-    """A table cell: the stage's training minutes, or a dash."""
+    """A table cell: the stage's training minutes (marked when only the resuming call was
+    timed), or a dash."""
     seconds = summary["train_seconds"].get(source)
-    return "–" if seconds is None else f"{seconds / 60:.1f}"
+    if seconds is None:
+        return "–"
+    return f"{seconds / 60:.1f}" + (RESUMED_MARK if source in summary.get("resumed", []) else "")
 
 
 def finetune_table(summary: dict[str, Any]) -> list[str]:
@@ -514,9 +542,14 @@ def format_results(summary: dict[str, Any]) -> str:
     lines += protocol_notes(summary["results"])
     finetuned = finetune_table(summary)
     lines += ([""] if lines and finetuned else []) + finetuned
+    if summary.get("resumed"):
+        lines.append(f"\n{RESUMED_NOTE}")
     for c in summary["comparisons"]:
+        margins = c.get("margins", {})
         deltas = ", ".join(
-            f"{k} {'n/a' if v is None else f'{v:+.1f}'}" for k, v in c["deltas"].items()
+            f"{k} {'n/a' if v is None else f'{v:+.1f}'}"
+            + (f" (aim ≥ +{margins[k]:g})" if k in margins else "")
+            for k, v in c["deltas"].items()
         )
         verdict = "shows here" if c["holds"] else "does NOT show here at this budget"
         lines.append(f"\n- {c['method']} vs {c['baseline']} ({c['claim']}): {deltas} — {verdict}")
