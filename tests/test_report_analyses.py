@@ -5,7 +5,7 @@ import json
 from maect.report import depth_lines, render, severity_lines
 
 LAYERS = {
-    "protocol": "per block",
+    "protocol": "per block: each block's tokens through the final norm, pooled, frozen",
     "protocols": ["knn", "linear"],
     "blocks": {
         "10": {"knn": {"protocol": "k", "top1": 70.0}},
@@ -41,6 +41,7 @@ def test_run_and_pipeline_pages_show_the_analyses(tmp_path):
         (run / "eval.json").write_text(json.dumps(result))
     page = render(tmp_path / "mae")
     assert "Accuracy against depth" in page and "Robustness" in page
+    assert "per block: each block" in page and "per block: per block" not in page
     assert page.count("<svg") == 0 and page.count("image/svg+xml") == 2
     assert "88.50" in page  # the mCE
     assert "fog.1" not in page  # the analyses are not repeated in the flat metrics table

@@ -726,7 +726,7 @@ def layers_section(layers: dict[str, Any]) -> str:
     lines = depth_lines(layers)
     if not lines:
         return not_available("per-block results (eval.json layers.blocks)")
-    caption = f"per block: {layers.get('protocol', '')}"
+    caption = str(layers.get("protocol") or "per block")
     svg = line_svg(lines, "accuracy against depth", "block (0 = first)", "top-1 / ACC (%)")
     blocks = sorted({b for points in lines.values() for b, _ in points})
     values = {p: dict(points) for p, points in lines.items()}
