@@ -47,4 +47,5 @@ def test_run_and_pipeline_pages_show_the_analyses(tmp_path):
     assert "fog.1" not in page  # the analyses are not repeated in the flat metrics table
     pipeline = render(tmp_path)
     assert "<h3>Robustness</h3>" in pipeline  # the stages' mean accuracy against severity
-    assert pipeline.count("image/svg+xml") == 1 + 2 * 2
+    assert "<h3>Accuracy against depth</h3>" in pipeline  # the stages' k-NN against depth
+    assert pipeline.count("image/svg+xml") == 2 + 2 * 2

@@ -665,6 +665,7 @@ def render(root: Path) -> str:
         f"<h2>Comparison</h2>{comparison_section(summary, runs)}",
         finetune_pipeline_section(root, summary),
     ]
+    parts.append(depth_comparison(runs))
     parts.append(robustness_comparison(runs))
     for run in runs:
         parts.append(
@@ -769,6 +770,22 @@ def analysis_sections(run: RunFiles) -> list[tuple[str, str]]:
     if isinstance(result.get("robustness"), dict):
         sections.append(("Robustness", robustness_section(result["robustness"])))
     return sections
+
+
+def depth_comparison(runs: list[RunFiles], protocol: str = "knn") -> str:
+    """``protocol``'s accuracy against depth of every stage with per-block results, in one
+    figure (empty if none): where each method's best features sit."""
+    lines = {}
+    for run in runs:
+        layers = (run.eval_result or {}).get("layers")
+        points = depth_lines(layers).get(protocol) if isinstance(layers, dict) else None
+        if points:
+            lines[run.path.name] = points
+    if not lines:
+        return ""
+    svg = line_svg(lines, f"{protocol} against depth", "block (0 = first)", "top-1 (%)")
+    caption = f"{protocol} of every block, one line per stage"
+    return "<h3>Accuracy against depth</h3>" + figure(svg, "image/svg+xml", caption)
 
 
 def robustness_comparison(runs: list[RunFiles]) -> str:
