@@ -511,6 +511,19 @@ def test_fb_mae_recipes_pin_finetune_md(name):
     assert cfg.data.crop_scale == [0.08, 1.0] and cfg.data.label_fraction == 1.0
 
 
+@pytest.mark.parametrize("fraction", ["1pct", "10pct"])
+def test_fmnist_semisupervised_recipes_take_mim_refiners_low_shot_choices(fraction):
+    """The laptop 1 % / 10 % recipes keep MIM-Refiner's augmentation, pooling and regularisation
+    (its lr and epochs are for ImageNet ViT-L/H) and the Fashion-MNIST model and data."""
+    cfg = load_config(f"finetune/fmnist_semisup_{fraction}_vit_t")
+    ref = load_config(f"finetune/in1k_semisup_{fraction}_vit_l16")
+    keys = ("global_pool", "drop_path", "mixup", "cutmix", "smoothing", "reprob", "layer_decay")
+    assert [getattr(cfg.finetune, k) for k in keys] == [getattr(ref.finetune, k) for k in keys]
+    assert (cfg.finetune.auto_augment != "") == (fraction == "10pct")
+    assert cfg.data.label_fraction == ref.data.label_fraction and cfg.data.batch_size == 64
+    assert cfg.model == load_config(RECIPE).model and cfg.data.name == "fashion-mnist"
+
+
 @pytest.mark.parametrize("name", sorted(MIM_REFINER))
 def test_semisupervised_recipes_pin_mim_refiner(name):
     lr, wd, batch, drop_path, randaug, mixup, gpus = MIM_REFINER[name]
@@ -544,6 +557,8 @@ def test_finetune_fmnist_pipeline_reuses_the_refinement_study_stages(tmp_path):
         if stage.command == "finetune":
             finetuned.append((stage.init, cfg.data.label_fraction))
             assert cfg.data.subset is None and cfg.finetune.init.endswith(stage.init)
+            low_shot = cfg.data.label_fraction < 1  # MIM-Refiner's recipe, not fb/mae's mixing
+            assert (cfg.finetune.mixup == 0) == low_shot and (cfg.finetune.cutmix == 0) == low_shot
         elif stage.name in pretrained:  # identical config: the finished stage is skipped
             assert cfg.to_dict() == pretrained[stage.name].to_dict(), stage.name
             shared.append(stage.name)
