@@ -22,6 +22,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from html import escape
@@ -772,35 +773,51 @@ def analysis_sections(run: RunFiles) -> list[tuple[str, str]]:
     return sections
 
 
-def depth_comparison(runs: list[RunFiles], protocol: str = "knn") -> str:
-    """``protocol``'s accuracy against depth of every stage with per-block results, in one
-    figure (empty if none): where each method's best features sit."""
+def stages_figure(
+    runs: list[RunFiles],
+    section: str,
+    points_of: Callable[[dict[str, Any]], Points | None],
+    heading: str,
+    labels: tuple[str, str, str],
+) -> str:
+    """One line per stage whose eval.json ``section`` gives points (``points_of``), in one
+    figure under ``heading`` (empty if no stage has any); ``labels``: title, x axis, caption."""
     lines = {}
     for run in runs:
-        layers = (run.eval_result or {}).get("layers")
-        points = depth_lines(layers).get(protocol) if isinstance(layers, dict) else None
+        block = (run.eval_result or {}).get(section)
+        points = points_of(block) if isinstance(block, dict) else None
         if points:
             lines[run.path.name] = points
     if not lines:
         return ""
-    svg = line_svg(lines, f"{protocol} against depth", "block (0 = first)", "top-1 (%)")
-    caption = f"{protocol} of every block, one line per stage"
-    return "<h3>Accuracy against depth</h3>" + figure(svg, "image/svg+xml", caption)
+    title, x_label, caption = labels
+    svg = line_svg(lines, title, x_label, "top-1 (%)")
+    return f"<h3>{heading}</h3>" + figure(svg, "image/svg+xml", caption)
+
+
+def depth_comparison(runs: list[RunFiles], protocol: str = "knn") -> str:
+    """``protocol``'s accuracy against depth of every stage with per-block results, in one
+    figure (empty if none): where each method's best features sit."""
+    labels = (
+        f"{protocol} against depth",
+        "block (0 = first)",
+        f"{protocol} of every block, one line per stage",
+    )
+    return stages_figure(
+        runs,
+        "layers",
+        lambda block: depth_lines(block).get(protocol),
+        "Accuracy against depth",
+        labels,
+    )
 
 
 def robustness_comparison(runs: list[RunFiles]) -> str:
     """Mean accuracy against severity of every stage with a robustness result (empty if none)."""
-    lines = {}
-    for run in runs:
-        block = (run.eval_result or {}).get("robustness")
-        if isinstance(block, dict):
-            mean = severity_lines(block).get("mean")
-            if mean:
-                lines[run.path.name] = mean
-    if not lines:
-        return ""
-    svg = line_svg(lines, "mean accuracy under corruption", "severity (0 = clean)", "top-1 (%)")
-    return "<h3>Robustness</h3>" + figure(svg, "image/svg+xml", "mean over the corruptions")
+    labels = ("mean accuracy under corruption", "severity (0 = clean)", "mean over the corruptions")
+    return stages_figure(
+        runs, "robustness", lambda block: severity_lines(block).get("mean"), "Robustness", labels
+    )
 
 
 # --------------------------------------------------------------------------- fine-tuning
